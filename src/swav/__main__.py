@@ -1,0 +1,3 @@
+from swav.cli import main
+
+raise SystemExit(main())

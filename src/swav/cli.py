@@ -1,0 +1,74 @@
+"""`swav COMMAND [config=NAME] [overrides...]`: one entry point, one subcommand per task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USAGE = """\
+usage: swav COMMAND [config=NAME] [+config/GROUP=OPTION ...] [config.KEY=VALUE ...]
+
+commands:
+  train     pretrain (with no config= it runs the built-in quickstart)
+  config    print the composed, validated and inferred config as YAML (--list: the packaged configs)
+
+examples:
+  swav train
+  swav train config=pretrain/swav/swav_8node_resnet config.LOSS.swav_loss.epsilon=0.04
+  swav train config=pretrain/swav/swav_8node_resnet +config/pretrain/swav/models=resnet101
+  swav config config=my_experiment.yaml config.OPTIMIZER.num_epochs=100
+"""
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"swav {command}", usage=USAGE)
+    parser.add_argument("overrides", nargs="*", help="config=NAME, +config/GROUP=OPTION, config.KEY=VALUE")
+    if command == "config":
+        parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in ("train", "config"):
+        print(f"swav: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    args = _parser(command).parse_args(rest)
+
+    # Imported here so `swav --help` answers instantly.
+    from swav.config import ConfigError, available_configs, load_config, to_yaml
+
+    try:
+        if command == "config" and args.list:
+            print("\n".join(available_configs()))
+            return 0
+        cfg = load_config(args.overrides)
+        if command == "config":
+            print(to_yaml(cfg), end="")
+            return 0
+        from swav.runlog import setup_logging
+        from swav.train import train
+
+        setup_logging()
+        summary = train(cfg)
+    except ConfigError as e:
+        print(f"swav: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 3
+    if "knn" in summary:
+        print(json.dumps(summary["knn"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
