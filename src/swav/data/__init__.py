@@ -1,0 +1,39 @@
+"""Data: image datasets (folder, file list, built-in synthetic), multi-crop transforms, loaders."""
+
+from swav.data.datasets import (
+    ConcatImageDataset,
+    FileListDataset,
+    ImageFolderDataset,
+    LimitedDataset,
+    RobustDataset,
+    load_rgb,
+)
+from swav.data.loader import (
+    DATA_SOURCES,
+    MultiCropDataset,
+    ResumableSampler,
+    build_dataset,
+    build_loader,
+    collate_multicrop,
+    mix_seed,
+)
+from swav.data.transforms import TRANSFORM_NAMES, MultiCropTransform, build_transforms
+
+__all__ = [
+    "DATA_SOURCES",
+    "TRANSFORM_NAMES",
+    "ConcatImageDataset",
+    "FileListDataset",
+    "ImageFolderDataset",
+    "LimitedDataset",
+    "MultiCropDataset",
+    "MultiCropTransform",
+    "ResumableSampler",
+    "RobustDataset",
+    "build_dataset",
+    "build_loader",
+    "build_transforms",
+    "collate_multicrop",
+    "load_rgb",
+    "mix_seed",
+]
