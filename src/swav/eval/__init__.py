@@ -1,0 +1,5 @@
+"""Evaluation of frozen trunks: feature extraction and weighted kNN."""
+
+from swav.eval.knn import EvalTransform, evaluate_knn, extract_features, knn_classify
+
+__all__ = ["EvalTransform", "evaluate_knn", "extract_features", "knn_classify"]

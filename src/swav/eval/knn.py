@@ -1,0 +1,209 @@
+"""Weighted k-nearest-neighbour evaluation of frozen features (SwAV paper, table 7).
+
+Protocol of Wu et al. 2018 (InstDisc): features are L2-normalised, each test image takes its
+``k`` most cosine-similar training images, each neighbour votes for its label with weight
+``exp(sim / T)``, and the class with the largest summed weight is the prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader,
+    device: str | torch.device = "cpu",
+    normalize: bool = True,
+    amp: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` in eval mode over ``(images, labels, ...)`` batches.
+
+    Returns float32 features ``[N, D]`` and int64 labels ``[N]``, both on the CPU. Outputs with
+    more than two dimensions are flattened per sample. ``amp`` runs under bfloat16 autocast.
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    try:
+        for batch in loader:
+            images, targets = batch[0], batch[1]
+            with autocast:
+                out = model(images.to(device, non_blocking=True))
+            out = out.float().flatten(1)
+            if normalize:
+                out = F.normalize(out, dim=1)
+            features.append(out.cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(features), torch.cat(labels)
+
+
+def _accuracies(scores: Tensor, targets: Tensor) -> tuple[int, int]:
+    """Number of top-1 and top-5 hits for class scores ``[B, C]``."""
+    ranked = scores.topk(min(5, scores.shape[1]), dim=1)
+    # A class no neighbour voted for is not a hit, even when ties put it in the top 5.
+    hits = (ranked.indices == targets[:, None]) & (ranked.values > 0)
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+@torch.no_grad()
+def knn_classify(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int | Sequence[int] = 200,
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    batch_size: int = 1024,
+) -> dict:
+    """Weighted kNN accuracy in percent.
+
+    With an int ``k`` returns ``{"top1": ..., "top5": ...}``; with a sequence of k values
+    returns ``{"k20": {"top1": ..., "top5": ...}, "k200": {...}}`` from one neighbour search.
+    Features are expected L2-normalised (the dot product is the cosine similarity). ``k`` is
+    capped at the number of training samples. Top-5 counts a hit only for a class that got
+    votes (with k=1 it equals top-1).
+    The test set is processed ``batch_size`` rows at a time to bound memory
+    (``batch_size x num_train`` similarities).
+    """
+    single = not isinstance(k, Iterable)
+    ks = [int(k)] if single else [int(x) for x in k]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be a positive int or a non-empty sequence of them, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_train, num_test = train_features.shape[0], test_features.shape[0]
+    if num_train == 0 or num_test == 0:
+        raise ValueError(f"need training and test features, got {num_train} and {num_test}")
+    device = train_features.device
+    train_features = train_features.float()
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    test_labels = test_labels.to(device=device, dtype=torch.long)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k_max = min(max(ks), num_train)
+
+    hits = {kk: [0, 0] for kk in ks}
+    for start in range(0, num_test, batch_size):
+        queries = test_features[start : start + batch_size].to(device=device, dtype=torch.float32)
+        targets = test_labels[start : start + batch_size]
+        sims, idx = (queries @ train_features.T).topk(k_max, dim=1)  # sorted, most similar first
+        # Subtracting each row's largest similarity scales its weights by a constant, which
+        # leaves the argmax unchanged and keeps exp() finite for small temperatures.
+        weights = ((sims - sims[:, :1]) / temperature).exp()
+        votes = train_labels[idx]
+        for kk in ks:
+            kk_eff = min(kk, k_max)
+            scores = torch.zeros(queries.shape[0], num_classes, device=device)
+            scores.scatter_add_(1, votes[:, :kk_eff], weights[:, :kk_eff])
+            top1, top5 = _accuracies(scores, targets)
+            hits[kk][0] += top1
+            hits[kk][1] += top5
+
+    results = {
+        f"k{kk}": {"top1": 100.0 * h[0] / num_test, "top5": 100.0 * h[1] / num_test}
+        for kk, h in hits.items()
+    }
+    return results[f"k{ks[0]}"] if single else results
+
+
+class EvalTransform:
+    """Deterministic evaluation transform: images already ``image_size`` square pass as they
+    are; others are resized (to ``image_size / 0.875`` if larger, else to ``image_size``) and
+    centre-cropped. Then ToTensor and ImageNet normalisation."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self.to_tensor = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+        self.shrink = transforms.Compose(
+            [transforms.Resize(int(image_size / 0.875)), transforms.CenterCrop(image_size)]
+        )
+        self.grow = transforms.Compose(
+            [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        )
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        image = image.convert("RGB")
+        width, height = image.size
+        if (width, height) != (self.image_size, self.image_size):
+            image = (self.shrink if min(width, height) > self.image_size else self.grow)(image)
+        return self.to_tensor(image)
+
+
+class _Transformed(Dataset):
+    def __init__(self, dataset, transform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[index][:2]
+        return self.transform(image), int(label)
+
+
+def evaluate_knn(
+    trunk: nn.Module,
+    train_dataset,
+    test_dataset,
+    image_size: int,
+    batch_size: int = 256,
+    k: int | Sequence[int] = 200,
+    temperature: float = 0.1,
+    num_workers: int = 0,
+    amp: bool = False,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Weighted kNN of ``trunk`` features; datasets yield ``(PIL image, label)``.
+
+    ``device`` defaults to the trunk's. Returns what :func:`knn_classify` returns.
+    """
+    if device is None:
+        param = next(trunk.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    transform = EvalTransform(image_size)
+
+    def features(dataset) -> tuple[Tensor, Tensor]:
+        loader = DataLoader(
+            _Transformed(dataset, transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        return extract_features(trunk, loader, device=device, normalize=True, amp=amp)
+
+    train_features, train_labels = features(train_dataset)
+    test_features, test_labels = features(test_dataset)
+    return knn_classify(
+        train_features.to(device),
+        train_labels,
+        test_features,
+        test_labels,
+        k=k,
+        temperature=temperature,
+    )
