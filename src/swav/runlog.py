@@ -1,0 +1,120 @@
+"""What a run writes for people: log.txt, metrics.jsonl, TensorBoard events, knn.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+logger = logging.getLogger("swav")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never kill training
+            self.handleError(record)
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """INFO to the console and, when given, to `log_file` (appended: a resumed run keeps its history)."""
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(console)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+
+
+class RunLogger:
+    """Rank 0's metrics: one JSON object per logged step, the same scalars in TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.collapse_warned = False
+        self._metrics = None
+        self._tb = None
+        if enabled:
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log_step(self, *, iteration: int, epoch: int, loss: float, lr: float, images_per_sec: float,
+                 eta_seconds: float, quiet: bool = False) -> None:
+        if not self.enabled:
+            return
+        row = {"iteration": iteration, "epoch": epoch, "loss": loss, "lr": lr,
+               "images_per_sec": images_per_sec, "time": time.time()}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        for key in ("loss", "lr", "images_per_sec"):
+            self._tb.add_scalar(f"train/{key}", row[key], iteration)
+        line = (f"epoch {epoch + 1} iter {iteration}: loss {loss:.4f} lr {lr:.4g} "
+                f"{images_per_sec:.1f} img/s eta {format_duration(eta_seconds)}")
+        # With a live progress bar the console already shows this; log.txt always gets it.
+        if quiet:
+            for handler in logger.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, None, None))
+        else:
+            logger.info(line)
+
+    def check_collapse(self, loss: float, num_prototypes: int, epoch: int) -> None:
+        """Warn once when the loss sits at ln K: uniform codes and predictions, nothing learned."""
+        if self.collapse_warned or epoch < 1 or not math.isfinite(loss):
+            return
+        if loss > 0.97 * math.log(num_prototypes):
+            self.collapse_warned = True
+            logger.warning(
+                "the loss %.3f is still near ln(K)=%.3f after %d epochs: the codes look uniform (collapse). "
+                "Usual remedies: freeze the prototypes longer (MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), lower the "
+                "learning rate or add warm-up, lower LOSS.swav_loss.epsilon (e.g. 0.03), start the queue later "
+                "(queue.start_iter), use fewer prototypes for a small dataset, or a larger batch.",
+                loss, math.log(num_prototypes), epoch,
+            )
+
+    def epoch_summary(self, epoch: int, replaced: int) -> None:
+        if replaced:
+            logger.warning("epoch %d: %d unreadable images were replaced by others (see the log above for paths)",
+                           epoch + 1, replaced)
+        logger.info("epoch %d done", epoch + 1)
+
+    def log_knn(self, results: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "knn.json", "w") as f:
+            json.dump(results, f, indent=2)
+        for name in ("trained", "random_init"):
+            if name in results:
+                r = results[name]
+                self._tb.add_scalar(f"knn/{name}_top1", r["top1"], results["epoch"])
+                logger.info("kNN (k=%d, T=%g) %s trunk: top-1 %.2f %%, top-5 %.2f %%",
+                            results["k"], results["temperature"], name.replace("_", " "), r["top1"], r["top5"])
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,440 @@
+"""SwAV pretraining: set-up, the training step, and the epoch loop with checkpoints and logs."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from swav import checkpoint
+from swav.config import ConfigError, to_yaml, world_size_of
+from swav.data import (
+    MultiCropDataset,
+    ResumableSampler,
+    build_dataset,
+    build_loader,
+    build_transforms,
+)
+from swav.losses import SwAVLoss
+from swav.models import build_model
+from swav.optim import LARC, constant_schedule, cosine_schedule, param_groups, step_schedule
+from swav.runlog import RunLogger, format_duration, setup_logging
+
+logger = logging.getLogger("swav")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks, each from the resolved config (STYLE.md 7: config -> arguments in one place)
+# ----------------------------------------------------------------------------------------------
+
+
+def select_device(cfg: DictConfig) -> torch.device:
+    wanted = cfg.MACHINE.DEVICE
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ConfigError("config.MACHINE.DEVICE=cuda but no CUDA device is available; use cpu or auto")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1):
+    syn = cfg.DATA.SYNTHETIC
+    return build_dataset(
+        list(sources),
+        list(paths),
+        limit=limit,
+        synthetic_num_images={"train": syn.NUM_IMAGES_TRAIN, "test": syn.NUM_IMAGES_TEST},
+        synthetic_image_size=syn.IMAGE_SIZE,
+        synthetic_num_classes=syn.NUM_CLASSES,
+        seed=cfg.SEED_VALUE,
+    )
+
+
+def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.device):
+    data = cfg.DATA.TRAIN
+    dataset = build_dataset_from(cfg, data.DATA_SOURCES, data.DATA_PATHS, data.DATA_LIMIT)
+    transform = build_transforms(OmegaConf.to_container(data.TRANSFORMS))
+    multicrop = MultiCropDataset(dataset, transform, seed=cfg.SEED_VALUE)
+    sampler = ResumableSampler(
+        len(multicrop), seed=cfg.SEED_VALUE, shuffle=True, rank=rank, world_size=world_size, drop_last=True
+    )
+    batch = data.BATCHSIZE_PER_REPLICA
+    if len(sampler) < batch:
+        raise ConfigError(
+            f"the training set has {len(dataset)} images, fewer than one global batch "
+            f"({batch} x {world_size}); lower config.DATA.TRAIN.BATCHSIZE_PER_REPLICA"
+        )
+    loader = build_loader(
+        multicrop,
+        batch_size=batch,
+        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+        sampler=sampler,
+        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
+    )
+    return multicrop, sampler, loader
+
+
+def build_loss(cfg: DictConfig) -> SwAVLoss:
+    c = cfg.LOSS.swav_loss
+    return SwAVLoss(
+        num_crops=c.num_crops,
+        crops_for_assign=tuple(c.crops_for_assign),
+        temperature=c.temperature,
+        epsilon=c.epsilon,
+        num_iters=c.num_iters,
+        use_double_precision=c.use_double_precision,
+        temp_hard_assignment_iters=c.temp_hard_assignment_iters,
+        queue_length=c.queue.local_queue_length,
+        queue_start_iter=c.queue.start_iter,
+        embedding_dim=c.embedding_dim,
+        output_dir=c.output_dir,
+    )
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.OPTIMIZER
+    optimizer = torch.optim.SGD(
+        param_groups(model, weight_decay=o.weight_decay),
+        lr=0.0,  # set every iteration from the schedule
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+    )
+    if o.use_larc:
+        optimizer = LARC(
+            optimizer,
+            trust_coefficient=o.larc_config.trust_coefficient,
+            clip=o.larc_config.clip,
+            eps=o.larc_config.eps,
+        )
+    return optimizer
+
+
+def build_lr_schedule(cfg: DictConfig, iters_per_epoch: int) -> np.ndarray:
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    total = cfg.OPTIMIZER.num_epochs * iters_per_epoch
+    warmup = lr.warmup_epochs * iters_per_epoch
+    s = lr.scaled
+    if lr.name == "cosine":
+        return cosine_schedule(s.base_value, s.end_value, total, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)
+    # Warm-up, then the flat or stepped part.
+    head = cosine_schedule(s.base_value, s.base_value, warmup + 1, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)[:warmup]
+    if lr.name == "constant":
+        tail = constant_schedule(s.base_value, total - warmup)
+    else:
+        milestones = [m * iters_per_epoch - warmup for m in lr.milestones]
+        tail = step_schedule(s.base_value, total - warmup, milestones, lr.gamma)
+    return np.concatenate([head, tail])
+
+
+def frozen_parameters(model: nn.Module, iter_map) -> list[tuple[nn.Parameter, int]]:
+    """[name-or-glob, iterations] pairs -> the parameters whose updates are dropped early on."""
+    names = dict(model.named_parameters())
+    frozen = []
+    for pattern, iters in iter_map:
+        # VISSL names carry the DistributedDataParallel prefix: module.heads.0.prototypes0.weight
+        pattern = pattern.removeprefix("module.")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            close = [n for n in names if pattern.split(".")[0] in n][:5] or list(names)[-5:]
+            raise ConfigError(
+                f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP: {pattern!r} matches no parameter; "
+                f"names look like {', '.join(close)}"
+            )
+        frozen += [(names[n], int(iters)) for n in matched]
+    return frozen
+
+
+def autocast_context(cfg: DictConfig, device: torch.device):
+    amp = cfg.MODEL.AMP_PARAMS
+    if not amp.USE_AMP:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if device.type == "cpu" or amp.AMP_TYPE == "bfloat16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step: the whole algorithm, in order (STYLE.md 1)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    loss_fn: SwAVLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    frozen: list[tuple[nn.Parameter, int]]
+    autocast: callable
+    device: torch.device
+    channels_last: bool
+    normalize_prototypes: bool
+
+
+def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float) -> torch.Tensor:
+    """One SwAV iteration; returns the loss as a tensor (no host sync here)."""
+    for group in ctx.optimizer.param_groups:
+        group["lr"] = lr
+    # Prototypes live on the unit sphere, so scores are cosine similarities (DESIGN 4).
+    if ctx.normalize_prototypes:
+        ctx.model.normalize_prototypes()
+
+    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    crops = [c.to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
+    with ctx.autocast():
+        embedding, scores = ctx.model(crops)
+    # Codes, the swapped prediction and the queue run in float32 outside autocast (DESIGN 2).
+    loss = ctx.loss_fn(
+        [s.float() for s in scores],
+        iteration=iteration,
+        embeddings=embedding.detach().float(),
+        prototypes=[w.detach() for w in ctx.model.prototype_weights()],
+    )
+
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    # Frozen early on: a parameter without gradient gets neither momentum nor weight decay.
+    for param, until in ctx.frozen:
+        if iteration < until:
+            param.grad = None
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: resume, epochs, logs, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopRequested(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _checkpoint_on_sigterm():
+    """SIGTERM (a scheduler's pre-emption) becomes an exception so the loop can save first."""
+
+    def handler(signum, frame):
+        raise _StopRequested(f"signal {signum}")
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
+    """Pretrain as configured; rerunning with the same CHECKPOINT.DIR resumes.
+
+    `stop_after_iters` stops (with a checkpoint) after that many iterations in total, as a
+    pre-empted job would; it exists for tests and smoke runs.
+    """
+    world_size = world_size_of(cfg)
+    if world_size > 1:
+        raise ConfigError(
+            f"this config asks for {world_size} processes (config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE) "
+            "but multi-process training is not available yet: add config.DISTRIBUTED.NUM_NODES=1 "
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1 (the LR is rescaled to the smaller batch)"
+        )
+    rank = 0
+    run_dir = Path(cfg.CHECKPOINT.DIR)
+    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
+    resume = None
+    if ckpt_path.exists():
+        if cfg.CHECKPOINT.AUTO_RESUME:
+            resume = checkpoint.load(ckpt_path)
+        elif not cfg.CHECKPOINT.OVERWRITE_EXISTING:
+            raise ConfigError(
+                f"{ckpt_path} exists and config.CHECKPOINT.AUTO_RESUME=false: choose another "
+                "config.CHECKPOINT.DIR, or set config.CHECKPOINT.OVERWRITE_EXISTING=true to start over"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    (run_dir / "train_config.yaml").write_text(to_yaml(cfg))
+
+    device = select_device(cfg)
+    torch.manual_seed(cfg.SEED_VALUE)
+    dataset, sampler, loader = build_train_data(cfg, rank, world_size, device)
+    iters_per_epoch = len(sampler) // cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    total_iters = cfg.OPTIMIZER.num_epochs * iters_per_epoch
+    global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
+
+    model = build_model(cfg).to(device)
+    if cfg.MODEL.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg).to(device)
+    optimizer = build_optimizer(cfg, model)
+    amp = cfg.MODEL.AMP_PARAMS
+    use_scaler = amp.USE_AMP and device.type == "cuda" and amp.AMP_TYPE == "float16"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    if amp.USE_AMP and "opt_level" in amp.AMP_ARGS:
+        logger.info(
+            "AMP_ARGS %s are apex options; mapped to torch.autocast(%s)",
+            dict(amp.AMP_ARGS),
+            "bfloat16" if device.type == "cpu" else amp.AMP_TYPE,
+        )
+    lr_schedule = build_lr_schedule(cfg, iters_per_epoch)
+    ctx = StepContext(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        frozen=frozen_parameters(model, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
+        autocast=autocast_context(cfg, device),
+        device=device,
+        channels_last=cfg.MODEL.CHANNELS_LAST,
+        normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
+    )
+
+    iteration, start_epoch, position = 0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        loss_fn.load_state_dict(resume["loss"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        iteration, start_epoch, position = resume["iteration"], resume["epoch"], resume["position"]
+        if iteration >= total_iters:
+            logger.info("%s is already complete (%d iterations); nothing to do", run_dir, iteration)
+            return {"iteration": iteration, "run_dir": str(run_dir)}
+        logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, start_epoch, iteration)
+
+    def save(path_name: str, epoch: int, position: int) -> None:
+        state = {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "iteration": iteration,
+            "epoch": epoch,
+            "position": position,  # samples of `epoch` this rank has consumed
+            "config": to_yaml(cfg),
+        }
+        checkpoint.save_atomic(state, run_dir / path_name)
+
+    runlog = RunLogger(run_dir, enabled=rank == 0)
+    num_prototypes = min(cfg.LOSS.swav_loss.num_prototypes)
+    logger.info(
+        "training: %d images, %d processes, global batch %d, %d iterations per epoch, %d epochs, "
+        "device %s, amp %s, channels_last %s",
+        len(dataset), world_size, global_batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
+        device, amp.USE_AMP, cfg.MODEL.CHANNELS_LAST,
+    )
+    model.train()
+    start_time = time.perf_counter()
+    start_iteration = iteration
+    stopped = False
+    with _checkpoint_on_sigterm():
+        try:
+            for epoch in range(start_epoch, cfg.OPTIMIZER.num_epochs):
+                first = position // cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA if epoch == start_epoch else 0
+                sampler.set_epoch(epoch, start_index=position if epoch == start_epoch else 0)
+                dataset.set_epoch(epoch)
+                replaced = 0
+                window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
+                bar = tqdm(
+                    total=iters_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.OPTIMIZER.num_epochs}",
+                    disable=None, dynamic_ncols=True, leave=False, file=sys.stderr,
+                )
+                for step_in_epoch, batch in enumerate(loader, start=first):
+                    lr = float(lr_schedule[iteration])
+                    loss = train_step(ctx, batch["crops"], iteration, lr)
+                    replaced += int(batch["replaced"].sum())
+                    window_loss += loss
+                    window_iters += 1
+                    iteration += 1
+                    position = (step_in_epoch + 1) * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+                    bar.update(1)
+                    if iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == iters_per_epoch:
+                        # One host sync per logging window, not per iteration.
+                        elapsed = time.perf_counter() - window_start
+                        mean_loss = window_loss.item() / window_iters
+                        speed = window_iters * global_batch / max(elapsed, 1e-9)
+                        done = (iteration - start_iteration) / max(time.perf_counter() - start_time, 1e-9)
+                        eta = (total_iters - iteration) / max(done, 1e-9)
+                        runlog.log_step(
+                            iteration=iteration, epoch=epoch, loss=mean_loss, lr=lr, images_per_sec=speed,
+                            eta_seconds=eta, quiet=not bar.disable,
+                        )
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
+                        runlog.check_collapse(mean_loss, num_prototypes, epoch)
+                        window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
+                    if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
+                        save(checkpoint.CHECKPOINT_NAME, epoch, position)
+                    if stop_after_iters is not None and iteration >= stop_after_iters:
+                        raise _StopRequested(f"stop_after_iters={stop_after_iters}")
+                    if step_in_epoch + 1 >= iters_per_epoch:
+                        break
+                bar.close()
+                position = 0
+                runlog.epoch_summary(epoch, replaced)
+                last = epoch + 1 == cfg.OPTIMIZER.num_epochs
+                if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or last:
+                    save(checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
+                knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
+                if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
+                    run_knn_monitor(cfg, model, device, epoch + 1, runlog)
+        except (_StopRequested, KeyboardInterrupt) as e:
+            stopped = True
+            save(checkpoint.CHECKPOINT_NAME, epoch, position)
+            logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", e or "interrupt", iteration)
+    if stopped:
+        runlog.close()
+        return {"iteration": iteration, "run_dir": str(run_dir), "stopped": True}
+
+    checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
+                            "iteration": iteration, "config": to_yaml(cfg)}, run_dir / checkpoint.FINAL_NAME)
+    summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
+    if cfg.KNN_MONITOR.ENABLED:
+        summary["knn"] = run_knn_monitor(cfg, model, device, cfg.OPTIMIZER.num_epochs, runlog)
+    runlog.close()
+    logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
+    return summary
+
+
+def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epoch: int, runlog: RunLogger) -> dict:
+    """Weighted kNN of trunk features on a labelled split; optionally next to a random trunk."""
+    from swav.eval.knn import evaluate_knn
+
+    k = cfg.KNN_MONITOR
+    train_set = build_dataset_from(cfg, k.TRAIN.DATA_SOURCES, k.TRAIN.DATA_PATHS)
+    test_set = build_dataset_from(cfg, k.TEST.DATA_SOURCES, k.TEST.DATA_PATHS)
+    kwargs = dict(image_size=k.IMAGE_SIZE, k=k.K, temperature=k.TEMPERATURE,
+                  num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, amp=False)
+    was_training = model.training
+    results = {"epoch": epoch, "k": k.K, "temperature": k.TEMPERATURE}
+    results["trained"] = evaluate_knn(model.trunk, train_set, test_set, **kwargs)
+    if k.COMPARE_RANDOM_INIT:
+        torch.manual_seed(cfg.SEED_VALUE)
+        random_trunk = build_model(cfg).trunk.to(device)
+        results["random_init"] = evaluate_knn(random_trunk, train_set, test_set, **kwargs)
+    model.train(was_training)
+    runlog.log_knn(results)
+    return results

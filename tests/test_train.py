@@ -1,0 +1,151 @@
+"""End-to-end training runs at a tiny size: outputs, resume equality, bad data, freezing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from swav import checkpoint
+from swav.cli import main
+from swav.config import ConfigError, load_config
+from swav.runlog import RunLogger
+from swav.train import train
+
+TINY = [
+    "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=32",
+    "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+    "config.DATA.NUM_DATALOADER_WORKERS=0",
+    "config.OPTIMIZER.num_epochs=2",
+    "config.OPTIMIZER.param_schedulers.lr.warmup_epochs=1",
+    "config.MODEL.AMP_PARAMS.USE_AMP=false",
+    "config.MODEL.TRUNK.RESNETS.DEPTH=18",
+    "config.MODEL.TRUNK.RESNETS.SMALL_STEM=true",
+    'config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [512, 64, 16], "use_bn": true, "num_clusters": [20, 12]}]]',
+    "config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[]",
+    'config.DATA.TRAIN.TRANSFORMS=[{"name": "ImgPilToMultiCrop", "total_num_crops": 4, "num_crops": [2, 2], '
+    '"size_crops": [16, 8], "crop_scales": [[0.3, 1], [0.1, 0.3]]}, {"name": "RandomHorizontalFlip", "p": 0.5}, '
+    '{"name": "ImgPilColorDistortion", "strength": 0.5}, {"name": "ToTensor"}]',
+    "config.LOG_FREQUENCY=1",
+    "config.KNN_MONITOR.ENABLED=false",
+]
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return load_config([*TINY, f"config.CHECKPOINT.DIR={tmp_path}", *extra])
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows]
+
+
+def test_two_iteration_run_writes_every_output(tmp_path):
+    train(tiny(tmp_path, "config.OPTIMIZER.num_epochs=1", "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=16"))
+    for name in ("train_config.yaml", "log.txt", "metrics.jsonl", checkpoint.CHECKPOINT_NAME, checkpoint.FINAL_NAME):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert {"iteration", "epoch", "loss", "lr", "images_per_sec"} <= set(rows[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # The saved config is the resolved one and can be given back as config=FILE.
+    again = load_config([f"config={tmp_path / 'train_config.yaml'}"])
+    assert again.LOSS.swav_loss.num_prototypes == [20, 12]
+    state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
+    assert state["iteration"] == 2 and state["epoch"] == 1
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    # A queue that starts mid-run and frozen prototypes make the checkpoint carry all the state.
+    extra = (
+        "config.LOSS.swav_loss.queue.queue_length=16",
+        "config.LOSS.swav_loss.queue.start_iter=2",
+        'config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[["heads.0.prototypes*", 3]]',
+    )
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(tiny(whole, *extra))
+    result = train(tiny(parts, *extra), stop_after_iters=3)  # stops mid-epoch (4 iterations per epoch)
+    assert result["stopped"] and result["iteration"] == 3
+    train(tiny(parts, *extra))
+    assert losses(parts) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
+    a = checkpoint.load(whole / checkpoint.CHECKPOINT_NAME)
+    b = checkpoint.load(parts / checkpoint.CHECKPOINT_NAME)
+    assert a["iteration"] == b["iteration"] == 8
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in a["loss"].items():
+        torch.testing.assert_close(b["loss"][key], value, msg=key)
+    # A finished run rerun does nothing more.
+    assert train(tiny(parts, *extra))["iteration"] == 8
+
+
+def test_prototypes_stay_frozen_then_move(tmp_path):
+    cfg = tiny(tmp_path, 'config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[["module.heads.0.prototypes0.weight", 4]]',
+               "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1")
+    train(cfg, stop_after_iters=1)
+    first = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)["model"]
+    train(cfg, stop_after_iters=4)
+    fourth = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)["model"]
+    train(cfg, stop_after_iters=6)
+    sixth = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)["model"]
+    name = "heads.0.prototypes0.weight"
+    # Frozen: only the per-iteration L2 normalisation touches them (it is idempotent).
+    torch.testing.assert_close(fourth[name], first[name])
+    assert not torch.allclose(sixth[name], fourth[name])
+    # The second prototype set is not frozen.
+    assert not torch.allclose(fourth["heads.0.prototypes1.weight"], first["heads.0.prototypes1.weight"])
+
+
+def test_frozen_pattern_that_matches_nothing_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        train(tiny(tmp_path, 'config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[["heads.0.protoypes0.weight", 3]]'))
+
+
+def _image_folder(root: Path, n: int, corrupt: int = 0) -> Path:
+    for i in range(n):
+        cls = root / f"class{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (i * 9 % 255, 80, 160)).save(cls / f"{i:03d}.png")
+    for i in range(corrupt):
+        (root / "class0" / f"broken{i}.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+def test_corrupt_images_are_replaced_logged_and_counted(tmp_path):
+    data = _image_folder(tmp_path / "data", 15, corrupt=1)
+    run = tmp_path / "run"
+    train(tiny(run, "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]", f"config.DATA.TRAIN.DATA_PATHS=[{data}]",
+               "config.OPTIMIZER.num_epochs=1"))
+    log = (run / "log.txt").read_text()
+    assert "broken0.jpg" in log
+    assert "1 unreadable images were replaced" in log
+
+
+def test_missing_data_path_stops_before_training(tmp_path, capsys):
+    code = main(["train", *TINY, f"config.CHECKPOINT.DIR={tmp_path / 'run'}",
+                 "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]", f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path / 'nope'}]"])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "run" / checkpoint.CHECKPOINT_NAME).exists()
+
+
+def test_cli_config_prints_yaml(capsys):
+    assert main(["config", "config=pretrain/swav/swav_8node_resnet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config:") and "base_value: 4.8" in out
+
+
+def test_collapse_warning_names_remedies(tmp_path, caplog):
+    log = RunLogger(tmp_path)
+    logging.getLogger("swav").propagate = True
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        log.check_collapse(4.6, num_prototypes=100, epoch=0)  # first epoch: too early to tell
+        assert not caplog.records
+        log.check_collapse(4.6, num_prototypes=100, epoch=2)
+    log.close()
+    assert "collapse" in caplog.text and "TEMP_FROZEN_PARAMS_ITER_MAP" in caplog.text
