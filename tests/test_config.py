@@ -195,3 +195,10 @@ def test_infer_is_pure():
     before = OmegaConf.create(raw)
     infer(raw)
     assert OmegaConf.create(raw) == before
+
+
+def test_crops_too_small_for_the_trunk_are_refused():
+    # 16-px crops reach the last stage of a standard-stem ResNet as 1x1 maps.
+    with pytest.raises(ConfigError, match="crop size 16 is too small.*SMALL_STEM"):
+        load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=false"])
+    load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"])

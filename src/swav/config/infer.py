@@ -92,6 +92,16 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
 
     # The loss reads its shapes from the data and model sections, so they cannot disagree.
     crops = multicrop_spec(cfg)
+    # A crop must still be at least 2x2 when it enters the last ResNet stage: a 1x1 map there
+    # carries no spatial information, and oneDNN's bfloat16 backward of a strided 3x3 conv on a
+    # 1x1 input returns garbage gradients (torch 2.14 on CPU), which shows up as a NaN loss.
+    smallest = 8 if trunk["RESNETS"]["SMALL_STEM"] else 32
+    too_small = [s for s in crops["size_crops"] if s < smallest]
+    if too_small:
+        raise ConfigError(
+            f"config.DATA.TRAIN.TRANSFORMS: crop size {min(too_small)} is too small for this ResNet "
+            f"(at least {smallest} px{'' if trunk['RESNETS']['SMALL_STEM'] else ', or use MODEL.TRUNK.RESNETS.SMALL_STEM=true for small images'})"
+        )
     head = swav_head_params(cfg)
     loss["num_crops"] = int(crops["total_num_crops"])
     loss["embedding_dim"] = int(head["dims"][-1])
