@@ -281,6 +281,7 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     device = select_device(cfg)
     torch.manual_seed(cfg.SEED_VALUE)
     dataset, sampler, loader = build_train_data(cfg, rank, world_size, device)
+    knn_data = build_knn_data(cfg) if cfg.KNN_MONITOR.ENABLED else None  # a bad path fails now, not after training
     iters_per_epoch = len(sampler) // cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     total_iters = cfg.OPTIMIZER.num_epochs * iters_per_epoch
     global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
@@ -400,7 +401,7 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                     save(checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
                 knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
                 if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
-                    run_knn_monitor(cfg, model, device, epoch + 1, runlog)
+                    run_knn_monitor(cfg, model, device, epoch + 1, runlog, knn_data)
         except (_StopRequested, KeyboardInterrupt) as e:
             stopped = True
             save(checkpoint.CHECKPOINT_NAME, epoch, position)
@@ -413,19 +414,26 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                             "iteration": iteration, "config": to_yaml(cfg)}, run_dir / checkpoint.FINAL_NAME)
     summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
-        summary["knn"] = run_knn_monitor(cfg, model, device, cfg.OPTIMIZER.num_epochs, runlog)
+        summary["knn"] = run_knn_monitor(cfg, model, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data)
     runlog.close()
     logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
     return summary
 
 
-def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epoch: int, runlog: RunLogger) -> dict:
+def build_knn_data(cfg: DictConfig) -> tuple:
+    k = cfg.KNN_MONITOR
+    train_set = build_dataset_from(cfg, k.TRAIN.DATA_SOURCES, k.TRAIN.DATA_PATHS)
+    test_set = build_dataset_from(cfg, k.TEST.DATA_SOURCES, k.TEST.DATA_PATHS)
+    return train_set, test_set
+
+
+def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epoch: int, runlog: RunLogger,
+                    data: tuple) -> dict:
     """Weighted kNN of trunk features on a labelled split; optionally next to a random trunk."""
     from swav.eval.knn import evaluate_knn
 
     k = cfg.KNN_MONITOR
-    train_set = build_dataset_from(cfg, k.TRAIN.DATA_SOURCES, k.TRAIN.DATA_PATHS)
-    test_set = build_dataset_from(cfg, k.TEST.DATA_SOURCES, k.TEST.DATA_PATHS)
+    train_set, test_set = data
     kwargs = dict(image_size=k.IMAGE_SIZE, k=k.K, temperature=k.TEMPERATURE,
                   num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, amp=False)
     was_training = model.training

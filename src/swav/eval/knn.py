@@ -199,6 +199,11 @@ def evaluate_knn(
 
     train_features, train_labels = features(train_dataset)
     test_features, test_labels = features(test_dataset)
+    if (train_labels < 0).any() or (test_labels < 0).any():
+        raise ValueError(
+            "kNN needs labelled images (class sub-folders, or a label column in a file list); "
+            "some of these images have none"
+        )
     return knn_classify(
         train_features.to(device),
         train_labels,
