@@ -44,7 +44,7 @@ def measure(overrides: list[str], steps: int) -> list[float]:
     )
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
-    crops = [torch.randn(batch, 3, size, size) for n, size in zip(spec.num_crops, spec.size_crops) for _ in range(n)]
+    crops = [torch.randn(batch, 3, size, size) for n, size in zip(spec.num_crops, spec.size_crops, strict=True) for _ in range(n)]
     rates = []
     for i in range(3 + steps):
         start = time.perf_counter()

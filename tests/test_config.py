@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -202,3 +203,35 @@ def test_crops_too_small_for_the_trunk_are_refused():
     with pytest.raises(ConfigError, match="crop size 16 is too small.*SMALL_STEM"):
         load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=false"])
     load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"])
+
+
+def test_learning_rate_of_swav_8node_resnet_at_key_iterations():
+    from swav.train import build_lr_schedule
+
+    cfg = load_config([BASE])
+    iters_per_epoch = 313  # ImageNet-1k at batch 4096
+    lr = build_lr_schedule(cfg, iters_per_epoch)
+    assert len(lr) == 400 * 313
+    assert lr[0] == pytest.approx(0.0)
+    assert lr[3129] < 4.8 and lr[3130] == pytest.approx(4.8)  # 10 warm-up epochs
+    assert lr[-1] == pytest.approx(0.0048)
+    assert (np.diff(lr[3130:]) <= 0).all()
+    # Halfway through the cosine: the mean of peak and end.
+    middle = 3130 + (len(lr) - 3130 - 1) // 2
+    assert lr[middle] == pytest.approx((4.8 + 0.0048) / 2, rel=1e-3)
+
+
+def test_multistep_and_constant_schedules_follow_warm_up():
+    from swav.train import build_lr_schedule
+
+    cfg = load_config(["config.OPTIMIZER.param_schedulers.lr.name=multistep", "config.OPTIMIZER.num_epochs=6",
+                       "config.OPTIMIZER.param_schedulers.lr.milestones=[3, 5]",
+                       "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=256"])
+    lr = build_lr_schedule(cfg, 10)
+    assert len(lr) == 60
+    assert lr[0] == 0.0 and lr[10] == pytest.approx(0.3)
+    assert lr[29] == pytest.approx(0.3) and lr[30] == pytest.approx(0.03) and lr[50] == pytest.approx(0.003)
+    cfg = load_config(["config.OPTIMIZER.param_schedulers.lr.name=constant", "config.OPTIMIZER.num_epochs=3",
+                       "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=256"])
+    lr = build_lr_schedule(cfg, 10)
+    assert len(lr) == 30 and lr[9] < 0.3 and all(v == pytest.approx(0.3) for v in lr[10:])

@@ -237,3 +237,19 @@ def test_evaluate_knn_end_to_end():
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert set(evaluate_knn(conv, train, test, image_size=32, k=5)) == {"top1", "top5"}
+
+
+def test_evaluate_knn_refuses_unlabelled_images():
+
+    from swav.eval.knn import evaluate_knn
+
+    class Unlabelled:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (8, 8), (i * 40, 0, 0)), -1
+
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(ValueError, match="labelled images"):
+        evaluate_knn(trunk, Unlabelled(), Unlabelled(), image_size=8, k=2)
