@@ -200,9 +200,11 @@ def test_infer_is_pure():
 
 def test_crops_too_small_for_the_trunk_are_refused():
     # 16-px crops reach the last stage of a standard-stem ResNet as 1x1 maps.
+    crops = ('config.DATA.TRAIN.TRANSFORMS=[{"name": "ImgPilToMultiCrop", "total_num_crops": 6, '
+             '"num_crops": [2, 4], "size_crops": [32, 16], "crop_scales": [[0.3, 1], [0.1, 0.3]]}, {"name": "ToTensor"}]')
     with pytest.raises(ConfigError, match="crop size 16 is too small.*SMALL_STEM"):
-        load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=false"])
-    load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"])
+        load_config([crops, "config.MODEL.TRUNK.RESNETS.SMALL_STEM=false"])
+    load_config([crops, "config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"])
 
 
 def test_learning_rate_of_swav_8node_resnet_at_key_iterations():

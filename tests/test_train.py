@@ -149,3 +149,42 @@ def test_collapse_warning_names_remedies(tmp_path, caplog):
         log.check_collapse(4.6, num_prototypes=100, epoch=2)
     log.close()
     assert "collapse" in caplog.text and "TEMP_FROZEN_PARAMS_ITER_MAP" in caplog.text
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "swav", "train", *TINY, f"config.CHECKPOINT.DIR={run}",
+            "config.OPTIMIZER.num_epochs=50"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "checkpoint saved" in out
+    stopped_at = checkpoint.load(run / checkpoint.CHECKPOINT_NAME)["iteration"]
+    assert 2 <= stopped_at < 200
+    # The same command resumes where it stopped.
+    summary = train(tiny(run, "config.OPTIMIZER.num_epochs=50"), stop_after_iters=stopped_at + 2)
+    assert summary["iteration"] == stopped_at + 2
+    assert f"resumed from {run / checkpoint.CHECKPOINT_NAME}" in (run / "log.txt").read_text()
+
+
+def test_nan_loss_stops_with_advice_and_a_dump(tmp_path, capsys):
+    # An absurd learning rate blows the weights up within a few iterations.
+    code = main(["train", *TINY, f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.param_schedulers.lr.base_value=1e12",
+                 "config.OPTIMIZER.param_schedulers.lr.warmup_epochs=0", "config.OPTIMIZER.num_epochs=2"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "nan" in err.lower() and "learning rate" in err
+    assert list(tmp_path.glob("nan_dump_iter*.pt"))
