@@ -50,17 +50,20 @@ def select_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1):
+def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1, key: str = "DATA.TRAIN"):
     syn = cfg.DATA.SYNTHETIC
-    return build_dataset(
-        list(sources),
-        list(paths),
-        limit=limit,
-        synthetic_num_images={"train": syn.NUM_IMAGES_TRAIN, "test": syn.NUM_IMAGES_TEST},
-        synthetic_image_size=syn.IMAGE_SIZE,
-        synthetic_num_classes=syn.NUM_CLASSES,
-        seed=cfg.SEED_VALUE,
-    )
+    try:
+        return build_dataset(
+            list(sources),
+            list(paths),
+            limit=limit,
+            synthetic_num_images={"train": syn.NUM_IMAGES_TRAIN, "test": syn.NUM_IMAGES_TEST},
+            synthetic_image_size=syn.IMAGE_SIZE,
+            synthetic_num_classes=syn.NUM_CLASSES,
+            seed=cfg.SEED_VALUE,
+        )
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise ConfigError(f"config.{key}.DATA_SOURCES / DATA_PATHS: {e}") from e
 
 
 def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.device):
@@ -422,8 +425,8 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
 
 def build_knn_data(cfg: DictConfig) -> tuple:
     k = cfg.KNN_MONITOR
-    train_set = build_dataset_from(cfg, k.TRAIN.DATA_SOURCES, k.TRAIN.DATA_PATHS)
-    test_set = build_dataset_from(cfg, k.TEST.DATA_SOURCES, k.TEST.DATA_PATHS)
+    train_set = build_dataset_from(cfg, k.TRAIN.DATA_SOURCES, k.TRAIN.DATA_PATHS, key="KNN_MONITOR.TRAIN")
+    test_set = build_dataset_from(cfg, k.TEST.DATA_SOURCES, k.TEST.DATA_PATHS, key="KNN_MONITOR.TEST")
     return train_set, test_set
 
 
