@@ -182,13 +182,23 @@ def test_values_parse_like_the_guide_writes_them():
     ]
 
 
-def test_every_packaged_config_composes():
+def test_every_packaged_config_composes_and_builds():
+    import torch
+
+    from swav.data import build_transforms
+    from swav.models import build_model
+
     for name in available_configs():
         if "/" in name and name.rsplit("/", 2)[-2] in ("models", "transforms", "heads", "optimization"):
             group, option = name.rsplit("/", 1)
-            load_config([BASE, f"+config/{group}={option}"])
+            cfg = load_config([BASE, f"+config/{group}={option}"])
         else:
-            load_config([f"config={name}"])
+            cfg = load_config([f"config={name}"])
+        transform = build_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+        assert len(transform.size_crops_per_crop) == cfg.LOSS.swav_loss.num_crops
+        with torch.device("meta"):  # shapes only: no memory for the big trunks
+            model = build_model(cfg)
+        assert [p.shape[0] for p in model.prototype_weights()] == list(cfg.LOSS.swav_loss.num_prototypes)
 
 
 def test_infer_is_pure():
