@@ -188,3 +188,16 @@ def test_nan_loss_stops_with_advice_and_a_dump(tmp_path, capsys):
     assert code == 3, err
     assert "nan" in err.lower() and "learning rate" in err
     assert list(tmp_path.glob("nan_dump_iter*.pt"))
+
+
+def test_knn_monitor_scores_trained_and_random_trunks(tmp_path, capsys):
+    code = main(["train", *TINY, f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1",
+                 "config.KNN_MONITOR.ENABLED=true", "config.KNN_MONITOR.COMPARE_RANDOM_INIT=true",
+                 "config.DATA.SYNTHETIC.NUM_IMAGES_TEST=20", "config.KNN_MONITOR.K=5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "trained" in out and "random init" in out
+    results = json.loads((tmp_path / "knn.json").read_text())
+    assert results["k"] == 5 and results["epoch"] == 1
+    for name in ("trained", "random_init"):
+        assert 0.0 <= results[name]["top1"] <= results[name]["top5"] <= 100.0

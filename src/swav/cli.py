@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 USAGE = """\
@@ -65,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"swav: {e}", file=sys.stderr)
         return 3
-    if "knn" in summary:
-        print(json.dumps(summary["knn"], indent=2))
+    knn = summary.get("knn")
+    if knn:
+        lines = [f"kNN top-1 on the held-out images (k={knn['k']}, T={knn['temperature']}):"]
+        lines += [f"  {name.replace('_', ' '):12s} {knn[name]['top1']:6.2f} %" for name in ("trained", "random_init") if name in knn]
+        print("\n".join(lines) + f"\n(also in {summary['run_dir']}/knn.json)")
     return 0
 
 
