@@ -8,20 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sinkhorn import official_reference
 
 from swav.losses import SwAVLoss
 
 # ---------------------------------------------------------------- float64 reference, by the formula
 
 
-def ref_sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    q = torch.exp(scores.double() / eps).t()
-    q = q / q.sum()
-    k, b = q.shape
-    for _ in range(iters):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
 
 
 def ref_loss(
@@ -44,7 +37,7 @@ def ref_loss(
             out = crops[c].detach() if detach_codes else crops[c]
             if queue_scores is not None and queue_scores[j][i] is not None:
                 out = torch.cat([queue_scores[j][i].double(), out.double()])
-            q = ref_sinkhorn(out, eps)[-b:]
+            q = official_reference(out, eps, 3)[-b:]
             if hard:
                 q = F.one_hot(q.argmax(dim=1), q.shape[1]).double()
             sub = 0.0

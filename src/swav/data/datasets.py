@@ -42,7 +42,23 @@ def _check_dir(root: str) -> Path:
     return p
 
 
-class ImageFolderDataset:
+class _SampleList:
+    """A list of (path, label) pairs, decoded on access."""
+
+    samples: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return load_rgb(path), label
+
+
+class ImageFolderDataset(_SampleList):
     """Images under ``root``: torchvision's ImageFolder layout, or unlabelled images directly in it.
 
     With class sub-folders (``root/<class>/**/<image>``), labels index the sorted class names and
@@ -86,16 +102,6 @@ class ImageFolderDataset:
             )
         self.samples = samples
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def path(self, index: int) -> str:
-        return self.samples[index][0]
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        return load_rgb(path), label
-
 
 def _read_list(path: Path) -> list[tuple[str, int]]:
     if path.suffix == ".npy":
@@ -124,7 +130,7 @@ def _read_list(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-class FileListDataset:
+class FileListDataset(_SampleList):
     """Images listed in a file: ``.txt`` (``path [label]`` per line) or ``.npy`` (array of paths).
 
     Relative paths are resolved against the list file's folder; missing labels are -1.
@@ -150,16 +156,6 @@ class FileListDataset:
                 f"none of the first {len(head)} images listed in {path!r} exist, e.g. {head[0]!r} "
                 f"(relative paths are resolved against {str(base)!r})"
             )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def path(self, index: int) -> str:
-        return self.samples[index][0]
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        return load_rgb(path), label
 
 
 class ConcatImageDataset:
