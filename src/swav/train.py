@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,14 +182,14 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     frozen: list[tuple[nn.Parameter, int]]
-    autocast: callable
+    autocast: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
     channels_last: bool
     normalize_prototypes: bool
 
 
 def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float) -> torch.Tensor:
-    """One SwAV iteration; returns the loss as a tensor (no host sync here)."""
+    """One SwAV iteration; returns the detached loss tensor (the loss's finite check is the one host sync)."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     # Prototypes live on the unit sphere, so scores are cosine similarities (DESIGN 4).
