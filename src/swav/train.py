@@ -134,8 +134,8 @@ def build_lr_schedule(cfg: DictConfig, iters_per_epoch: int) -> np.ndarray:
     s = lr.scaled
     if lr.name == "cosine":
         return cosine_schedule(s.base_value, s.end_value, total, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)
-    # Warm-up, then the flat or stepped part.
-    head = cosine_schedule(s.base_value, s.base_value, warmup + 1, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)[:warmup]
+    # The same linear warm-up as cosine_schedule's, then the flat or stepped part.
+    head = np.linspace(s.warmup_start_value, s.base_value, warmup, endpoint=False)
     if lr.name == "constant":
         tail = constant_schedule(s.base_value, total - warmup)
     else:

@@ -11,11 +11,11 @@ import copy
 import logging
 
 from swav.config.compose import ConfigError
+from swav.models import RESNET_ARCHS, SUPPORTED_TRUNKS
 
 logger = logging.getLogger("swav")
 
-SUPPORTED_TRUNKS = ("resnet",)
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
+RESNET_DEPTHS = tuple(sorted(RESNET_ARCHS))
 
 
 def world_size_of(cfg: dict) -> int:
