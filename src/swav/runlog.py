@@ -31,6 +31,7 @@ def setup_logging(log_file: Path | None = None) -> None:
         logger.removeHandler(handler)
         handler.close()
     console = _TqdmHandler()
+    console.addFilter(lambda record: getattr(record, "console", True))
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
     if log_file is not None:
@@ -67,12 +68,7 @@ class RunLogger:
         line = (f"epoch {epoch + 1} iter {iteration}: loss {loss:.4f} lr {lr:.4g} "
                 f"{images_per_sec:.1f} img/s eta {format_duration(eta_seconds)}")
         # With a live progress bar the console already shows this; log.txt always gets it.
-        if quiet:
-            for handler in logger.handlers:
-                if isinstance(handler, logging.FileHandler):
-                    handler.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, None, None))
-        else:
-            logger.info(line)
+        logger.info(line, extra={"console": not quiet})
 
     def check_collapse(self, loss: float, num_prototypes: int, epoch: int) -> None:
         """Warn once when the loss sits at ln K: uniform codes and predictions, nothing learned."""
