@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 USAGE = """\
@@ -19,6 +20,10 @@ examples:
   swav config config=my_experiment.yaml config.OPTIMIZER.num_epochs=100
 """
 
+# Commands that live in their own modules: name -> "module:function", the function takes the
+# arguments after the command name and returns the exit code. Imported only when called.
+EXTRA_COMMANDS: dict[str, str] = {}
+
 
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"swav {command}", usage=USAGE)
@@ -28,33 +33,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command not in ("train", "config"):
-        print(f"swav: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    args = _parser(command).parse_args(rest)
-
-    # Imported here so `swav --help` answers instantly.
-    from swav.config import ConfigError, available_configs, load_config, to_yaml
+def guarded(run) -> int:
+    """Run `run()` and turn the errors a user can fix into one line on stderr and an exit code."""
+    from swav.config import ConfigError
 
     try:
-        if command == "config" and args.list:
-            print("\n".join(available_configs()))
-            return 0
-        cfg = load_config(args.overrides)
-        if command == "config":
-            print(to_yaml(cfg), end="")
-            return 0
-        from swav.runlog import setup_logging
-        from swav.train import train
-
-        setup_logging()
-        summary = train(cfg)
+        return run()
     except ConfigError as e:
         print(f"swav: config error: {e}", file=sys.stderr)
         return 2
@@ -64,12 +48,47 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"swav: {e}", file=sys.stderr)
         return 3
+
+
+def _train_or_config(command: str, rest: list[str]) -> int:
+    args = _parser(command).parse_args(rest)
+    # Imported here so `swav --help` answers instantly.
+    from swav.config import available_configs, load_config, to_yaml
+
+    if command == "config" and args.list:
+        print("\n".join(available_configs()))
+        return 0
+    cfg = load_config(args.overrides)
+    if command == "config":
+        print(to_yaml(cfg), end="")
+        return 0
+    from swav.runlog import setup_logging
+    from swav.train import train
+
+    setup_logging()
+    summary = train(cfg)
     knn = summary.get("knn")
     if knn:
         lines = [f"kNN top-1 on the held-out images (k={knn['k']}, T={knn['temperature']}):"]
         lines += [f"  {name.replace('_', ' '):12s} {knn[name]['top1']:6.2f} %" for name in ("trained", "random_init") if name in knn]
         print("\n".join(lines) + f"\n(also in {summary['run_dir']}/knn.json)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("train", "config"):
+        return guarded(lambda: _train_or_config(command, rest))
+    if command in EXTRA_COMMANDS:
+        module_name, function_name = EXTRA_COMMANDS[command].split(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        return guarded(lambda: function(rest))
+    print(f"swav: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
