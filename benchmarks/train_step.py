@@ -20,7 +20,7 @@ import torch
 
 from swav.config import load_config
 from swav.models import build_model
-from swav.train import StepContext, autocast_context, build_loss, build_optimizer, train_step
+from swav.train import build_step_context, place_model, train_step
 
 VARIANTS = {
     "bf16-cl": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.CHANNELS_LAST=true"],
@@ -34,14 +34,7 @@ def measure(overrides: list[str], steps: int) -> list[float]:
     cfg = load_config(overrides)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(cfg)
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    ctx = StepContext(
-        model=model, loss_fn=build_loss(cfg), optimizer=build_optimizer(cfg, model), scaler=None, frozen=[],
-        autocast=autocast_context(cfg, device), device=device, channels_last=cfg.MODEL.CHANNELS_LAST,
-        normalize_prototypes=True,
-    )
+    ctx = build_step_context(cfg, place_model(cfg, build_model(cfg), device), device)
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
     crops = [torch.randn(batch, 3, size, size) for n, size in zip(spec.num_crops, spec.size_crops, strict=True) for _ in range(n)]

@@ -156,7 +156,7 @@ def test_user_yaml_file_and_saved_config_round_trip(tmp_path):
         ("config.OPTIMIZER.num_epochs=abc", "config.OPTIMIZER.num_epochs must be int"),
         ("config.OPTIMIZER.use_larc=yes please", "must be bool"),
         ("config=pretrain/swav/swav_8node_resnt", "Did you mean: pretrain/swav/swav_8node_resnet"),
-        ("+config/pretrain/swav/models=resnet10", "Options in that group: resnet101"),
+        ("+config/pretrain/swav/models=resnet10", "no such group option. Did you mean: resnet101?"),
         ("config.MODEL.TRUNK.RESNETS.DEPTH=77", "DEPTH=77 is not one of"),
         ("OPTIMIZER.num_epochs=3", "must start with 'config.'"),
         ('config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [2048, 128]}]]', "swav_head"),

@@ -405,8 +405,8 @@ def test_build_model_errors():
     msg = str(err.value)
     assert "2048" in msg and "512" in msg and "MODEL.HEAD.PARAMS" in msg
 
-    with pytest.raises(NotImplementedError, match="RegNet"):
-        build_model(_cfg(name="regnet"))
+    with pytest.raises(ValueError, match="REGNET section"):
+        build_model(_cfg(name="regnet"))  # NAME=regnet without the REGNET keys
     with pytest.raises(ValueError, match="resnet"):
         build_model(_cfg(name="vit"))
     with pytest.raises(ValueError, match="mlp"):
@@ -418,3 +418,70 @@ def test_build_model_errors():
         build_model(_cfg(head=[["swav_head", {"dims": [512, 128], "use_bais": True}]]))
     with pytest.raises(ValueError, match="depth 42"):
         build_model(_cfg(depth=42))
+
+
+# ----------------------------------------------------------------------------- RegNet
+
+
+def _regnet_trunk(name: str):
+    from swav.models import RegNet, regnet_block_params
+
+    return RegNet(regnet_block_params(name=name))
+
+
+@pytest.mark.parametrize("name", ["regnet_y_400mf", "regnet_x_400mf"])
+def test_regnet_state_dict_equals_torchvision_minus_fc(name):
+    with torch.device("meta"):  # our builder works on meta; torchvision's RegNet does not
+        ours = _regnet_trunk(name).state_dict()
+    tv = getattr(torchvision.models, name)().state_dict()
+    ref = {k: v for k, v in tv.items() if not k.startswith("fc.")}
+    assert list(ours) == list(ref)
+    for k in ref:
+        assert ours[k].shape == ref[k].shape, k
+
+
+def test_regnet_y_400mf_same_features_as_torchvision_and_backprops():
+    torch.manual_seed(0)
+    ours = _regnet_trunk("regnet_y_400mf")
+    assert ours.num_features == 440 and ours.stage_names == ("conv1", "res2", "res3", "res4", "res5")
+    tv = torchvision.models.regnet_y_400mf()
+    tv.fc = nn.Identity()
+    tv.load_state_dict(ours.state_dict(), strict=True)
+    ours.eval(), tv.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+        feats = ours.forward_stages(x, ("conv1", "res3", "res5"))
+    assert [tuple(f.shape) for f in feats.values()] == [(2, 32, 32, 32), (2, 104, 8, 8), (2, 440, 2, 2)]
+    torch.testing.assert_close(feats["res5"].mean(dim=(2, 3)), ours(x))
+    ours.train()
+    out = ours(x)
+    (out * torch.randn_like(out)).sum().backward()
+    _assert_all_grads_finite(ours)
+
+
+def test_regnet_256gf_by_parameters_on_meta():
+    from swav.models import RegNet, regnet_block_params, regnet_num_features
+
+    bp = regnet_block_params(depth=27, w_0=640, w_a=230.83, w_m=2.53, group_width=373)
+    assert bp.widths == [746, 1492, 4103, 10444] and bp.depths == [2, 7, 17, 1]
+    assert regnet_num_features(bp) == 10444
+    with torch.device("meta"):
+        trunk = RegNet(bp)
+    assert trunk.num_features == 10444
+    assert trunk.trunk_output.block4[0].f.c[0].out_channels == 10444
+    # The named entry is the same network.
+    assert regnet_block_params(name="regnet_y_256gf").widths == bp.widths
+
+
+def test_regnet_argument_errors():
+    from swav.models import regnet_block_params
+
+    with pytest.raises(ValueError, match="regnet_y_400mf"):
+        regnet_block_params(name="regnet_y_401mf")
+    with pytest.raises(ValueError, match="missing \\['w_m', 'group_width'\\]"):
+        regnet_block_params(depth=10, w_0=48, w_a=20.0)
+    with pytest.raises(ValueError, match="do not also set"):
+        regnet_block_params(name="regnet_y_400mf", depth=10)
+    with pytest.raises(ValueError, match="w_0=50"):
+        regnet_block_params(depth=10, w_0=50, w_a=20.0, w_m=2.0, group_width=8)

@@ -12,6 +12,8 @@ usage: swav COMMAND [config=NAME] [+config/GROUP=OPTION ...] [config.KEY=VALUE .
 commands:
   train     pretrain (with no config= it runs the built-in quickstart)
   config    print the composed, validated and inferred config as YAML (--list: the packaged configs)
+  report    an HTML page about a run: curves, evaluation results, cluster gallery
+            (swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery])
 
 examples:
   swav train
@@ -22,7 +24,9 @@ examples:
 
 # Commands that live in their own modules: name -> "module:function", the function takes the
 # arguments after the command name and returns the exit code. Imported only when called.
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "report": "swav.report:main",
+}
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -58,21 +62,21 @@ def _train_or_config(command: str, rest: list[str]) -> int:
     if command == "config" and args.list:
         print("\n".join(available_configs()))
         return 0
-    cfg = load_config(args.overrides)
     if command == "config":
-        print(to_yaml(cfg), end="")
+        print(to_yaml(load_config(args.overrides)), end="")
         return 0
-    from swav.runlog import setup_logging
-    from swav.train import train
+    from swav.launch import train_command
 
-    setup_logging()
-    summary = train(cfg)
+    return train_command(args.overrides, on_summary=print_summary)
+
+
+def print_summary(summary: dict) -> None:
+    """The end of a training run on the console: the kNN scores when the monitor ran."""
     knn = summary.get("knn")
     if knn:
         lines = [f"kNN top-1 on the held-out images (k={knn['k']}, T={knn['temperature']}):"]
         lines += [f"  {name.replace('_', ' '):12s} {knn[name]['top1']:6.2f} %" for name in ("trained", "random_init") if name in knn]
         print("\n".join(lines) + f"\n(also in {summary['run_dir']}/knn.json)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

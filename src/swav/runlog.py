@@ -23,14 +23,18 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """INFO to the console and, when given, to `log_file` (appended: a resumed run keeps its history)."""
+def setup_logging(log_file: Path | None = None, console_level: int = logging.INFO) -> None:
+    """INFO to the console and, when given, to `log_file` (appended: a resumed run keeps its history).
+
+    Processes other than rank 0 pass `console_level=logging.WARNING`: one voice per run.
+    """
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     console = _TqdmHandler()
+    console.setLevel(console_level)
     console.addFilter(lambda record: getattr(record, "console", True))
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
@@ -72,7 +76,7 @@ class RunLogger:
 
     def check_collapse(self, loss: float, num_prototypes: int, epoch: int) -> None:
         """Warn once when the loss sits at ln K: uniform codes and predictions, nothing learned."""
-        if self.collapse_warned or epoch < 1 or not math.isfinite(loss):
+        if not self.enabled or self.collapse_warned or epoch < 1 or not math.isfinite(loss):
             return
         if loss > 0.97 * math.log(num_prototypes):
             self.collapse_warned = True

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from swav import checkpoint
+from swav import checkpoint, distributed
 from swav.config import ConfigError, to_yaml, world_size_of
 from swav.data import (
     MultiCropDataset,
@@ -41,13 +41,14 @@ logger = logging.getLogger("swav")
 
 
 def select_device(cfg: DictConfig) -> torch.device:
+    """The configured device; on CUDA the one `torch.cuda.set_device` chose for this process."""
     wanted = cfg.MACHINE.DEVICE
     if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted in ("cuda", "gpu"):
         if not torch.cuda.is_available():
             raise ConfigError("config.MACHINE.DEVICE=cuda but no CUDA device is available; use cpu or auto")
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -145,7 +146,10 @@ def build_lr_schedule(cfg: DictConfig, iters_per_epoch: int) -> np.ndarray:
 
 
 def frozen_parameters(model: nn.Module, iter_map) -> list[tuple[nn.Parameter, int]]:
-    """[name-or-glob, iterations] pairs -> the parameters whose updates are dropped early on."""
+    """[name-or-glob, iterations] pairs -> the parameters whose updates are dropped early on.
+
+    An iteration count of -1 freezes for the whole run (the paper's fixed random prototypes).
+    """
     names = dict(model.named_parameters())
     frozen = []
     for pattern, iters in iter_map:
@@ -158,7 +162,12 @@ def frozen_parameters(model: nn.Module, iter_map) -> list[tuple[nn.Parameter, in
                 f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP: {pattern!r} matches no parameter; "
                 f"names look like {', '.join(close)}"
             )
-        frozen += [(names[n], int(iters)) for n in matched]
+        until = int(iters)
+        if until < -1:
+            raise ConfigError(
+                f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP: {pattern!r} has {until} iterations; use N >= 0, or -1 for always"
+            )
+        frozen += [(names[n], until if until >= 0 else sys.maxsize) for n in matched]
     return frozen
 
 
@@ -175,9 +184,14 @@ def autocast_context(cfg: DictConfig, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The SSL model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 @dataclass
 class StepContext:
-    model: nn.Module
+    model: nn.Module  # the SSL model, wrapped in DistributedDataParallel when there are several processes
     loss_fn: SwAVLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -188,13 +202,38 @@ class StepContext:
     normalize_prototypes: bool
 
 
+def place_model(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on its device, channels-last when configured."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.MODEL.CHANNELS_LAST else model
+
+
+def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) -> StepContext:
+    """Everything `train_step` needs for `model` (placed, possibly wrapped in DDP), from the config."""
+    core = unwrap(model)
+    amp = cfg.MODEL.AMP_PARAMS
+    use_scaler = amp.USE_AMP and device.type == "cuda" and amp.AMP_TYPE == "float16"
+    return StepContext(
+        model=model,
+        loss_fn=build_loss(cfg).to(device),
+        optimizer=build_optimizer(cfg, core),
+        scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        frozen=frozen_parameters(core, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
+        autocast=autocast_context(cfg, device),
+        device=device,
+        channels_last=cfg.MODEL.CHANNELS_LAST,
+        normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
+    )
+
+
 def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float) -> torch.Tensor:
     """One SwAV iteration; returns the detached loss tensor (the loss's finite check is the one host sync)."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     # Prototypes live on the unit sphere, so scores are cosine similarities (DESIGN 4).
+    core = unwrap(ctx.model)
     if ctx.normalize_prototypes:
-        ctx.model.normalize_prototypes()
+        core.normalize_prototypes()
 
     memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
     crops = [c.to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
@@ -205,7 +244,7 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
         [s.float() for s in scores],
         iteration=iteration,
         embeddings=embedding.detach().float(),
-        prototypes=[w.detach() for w in ctx.model.prototype_weights()],
+        prototypes=[w.detach() for w in core.prototype_weights()],
     )
 
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -234,39 +273,63 @@ class _StopRequested(Exception):
     pass
 
 
-@contextlib.contextmanager
-def _checkpoint_on_sigterm():
-    """SIGTERM (a scheduler's pre-emption) becomes an exception so the loop can save first."""
+class _StopSignals:
+    """SIGTERM (a scheduler's pre-emption) and, with several processes, SIGINT: stop and save.
 
-    def handler(signum, frame):
-        raise _StopRequested(f"signal {signum}")
+    One process stops at once (the handler raises). Several processes must stop at the same
+    iteration, because saving gathers every rank's queue: the handler only notes the request and
+    the loop agrees on it over all ranks at the next logging boundary.
+    """
 
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    def __init__(self, deferred: bool) -> None:
+        self.deferred = deferred
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if not self.deferred:
+            raise _StopRequested(f"signal {signum}")
+        self.requested = f"signal {signum}"
+
+    def __enter__(self) -> _StopSignals:
+        wanted = [signal.SIGTERM, signal.SIGINT] if self.deferred else [signal.SIGTERM]
+        for signum in wanted:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def wrap_distributed(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:
+    """SyncBatchNorm as configured, then DistributedDataParallel (gradients averaged over ranks)."""
+    sync = cfg.MODEL.SYNC_BN_CONFIG
+    if sync.CONVERT_BN_TO_SYNC_BN:
+        if sync.SYNC_BN_TYPE == "apex":
+            logger.info("SYNC_BN_TYPE apex is mapped to native synchronised BatchNorm (apex is not needed)")
+        group = distributed.sync_bn_process_group(sync.GROUP_SIZE, cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+        model = distributed.convert_sync_batchnorm(model, group, device.type)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     """Pretrain as configured; rerunning with the same CHECKPOINT.DIR resumes.
 
-    `stop_after_iters` stops (with a checkpoint) after that many iterations in total, as a
-    pre-empted job would; it exists for tests and smoke runs.
+    Runs in every process of a multi-process job (`swav train` starts or joins them, see
+    swav.distributed); only rank 0 writes files. `stop_after_iters` stops (with a checkpoint)
+    after that many iterations in total, as a pre-empted job would; it exists for tests and smoke runs.
     """
-    world_size = world_size_of(cfg)
-    if world_size > 1:
+    rank, world_size = distributed.rank(), distributed.world_size()
+    if world_size != world_size_of(cfg):
         raise ConfigError(
-            f"this config asks for {world_size} processes (config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE) "
-            "but multi-process training is not available yet: add config.DISTRIBUTED.NUM_NODES=1 "
-            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1 (the LR is rescaled to the smaller batch)"
+            f"{world_size} processes are running but the config asks for {world_size_of(cfg)} "
+            "(config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE); start runs with `swav train`, which matches them"
         )
-    rank = 0
+    main_process = rank == 0
     run_dir = Path(cfg.CHECKPOINT.DIR)
     ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
     resume = None
@@ -278,26 +341,28 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                 f"{ckpt_path} exists and config.CHECKPOINT.AUTO_RESUME=false: choose another "
                 "config.CHECKPOINT.DIR, or set config.CHECKPOINT.OVERWRITE_EXISTING=true to start over"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "log.txt")
-    (run_dir / "train_config.yaml").write_text(to_yaml(cfg))
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+        (run_dir / "train_config.yaml").write_text(to_yaml(cfg))
+    else:
+        setup_logging(console_level=logging.WARNING)
 
     device = select_device(cfg)
-    torch.manual_seed(cfg.SEED_VALUE)
+    torch.manual_seed(cfg.SEED_VALUE)  # the same initial weights in every process
     dataset, sampler, loader = build_train_data(cfg, rank, world_size, device)
     knn_data = build_knn_data(cfg) if cfg.KNN_MONITOR.ENABLED else None  # a bad path fails now, not after training
-    iters_per_epoch = len(sampler) // cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    iters_per_epoch = len(sampler) // batch
     total_iters = cfg.OPTIMIZER.num_epochs * iters_per_epoch
-    global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
+    global_batch = batch * world_size
 
-    model = build_model(cfg).to(device)
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg).to(device)
-    optimizer = build_optimizer(cfg, model)
+    model = place_model(cfg, build_model(cfg), device)
+    if world_size > 1:
+        model = wrap_distributed(cfg, model, device)
+    ctx = build_step_context(cfg, model, device)
+    core, loss_fn, optimizer, scaler = unwrap(model), ctx.loss_fn, ctx.optimizer, ctx.scaler
     amp = cfg.MODEL.AMP_PARAMS
-    use_scaler = amp.USE_AMP and device.type == "cuda" and amp.AMP_TYPE == "float16"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if amp.USE_AMP and "opt_level" in amp.AMP_ARGS:
         logger.info(
             "AMP_ARGS %s are apex options; mapped to torch.autocast(%s)",
@@ -305,82 +370,88 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
             "bfloat16" if device.type == "cpu" else amp.AMP_TYPE,
         )
     lr_schedule = build_lr_schedule(cfg, iters_per_epoch)
-    ctx = StepContext(
-        model=model,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scaler=scaler,
-        frozen=frozen_parameters(model, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
-        autocast=autocast_context(cfg, device),
-        device=device,
-        channels_last=cfg.MODEL.CHANNELS_LAST,
-        normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
-    )
 
     iteration, start_epoch, position = 0, 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        core.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        loss_fn.load_state_dict(resume["loss"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         iteration, start_epoch, position = resume["iteration"], resume["epoch"], resume["position"]
+        saved_world = resume.get("world_size", 1)
+        if saved_world == world_size:
+            loss_fn.load_state_dict(resume.get("loss_per_rank", [resume["loss"]])[rank])
+        else:
+            # Each rank's queue holds its own past embeddings: they cannot be re-dealt to another
+            # number of ranks, so the queue refills. The epoch goes on after the images already seen.
+            position = position * saved_world // world_size // batch * batch
+            logger.info(
+                "the checkpoint was written by %d processes and this run has %d: the model and optimizer "
+                "resume, the embedding queue starts empty, the epoch continues at image %d",
+                saved_world, world_size, position * world_size,
+            )
         if iteration >= total_iters:
             logger.info("%s is already complete (%d iterations); nothing to do", run_dir, iteration)
             return {"iteration": iteration, "run_dir": str(run_dir)}
         logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, start_epoch, iteration)
 
     def save(path_name: str, epoch: int, position: int) -> None:
+        # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
+        loss_states = distributed.gather_objects({k: v.cpu() for k, v in loss_fn.state_dict().items()})
+        if not main_process:
+            return
         state = {
             "format_version": checkpoint.FORMAT_VERSION,
-            "model": model.state_dict(),
+            "model": core.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "loss": loss_fn.state_dict(),
+            "loss": loss_states[0],
+            "loss_per_rank": loss_states,
+            "world_size": world_size,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "iteration": iteration,
             "epoch": epoch,
-            "position": position,  # samples of `epoch` this rank has consumed
+            "position": position,  # samples of `epoch` each rank has consumed
             "config": to_yaml(cfg),
         }
         checkpoint.save_atomic(state, run_dir / path_name)
 
-    runlog = RunLogger(run_dir, enabled=rank == 0)
+    runlog = RunLogger(run_dir, enabled=main_process)
     num_prototypes = min(cfg.LOSS.swav_loss.num_prototypes)
     logger.info(
-        "training: %d images, %d processes, global batch %d, %d iterations per epoch, %d epochs, "
-        "device %s, amp %s, channels_last %s",
-        len(dataset), world_size, global_batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
+        "training: %d images, %d processes, global batch %d (%d per process), %d iterations per epoch, "
+        "%d epochs, device %s, amp %s, channels_last %s",
+        len(dataset), world_size, global_batch, batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
         device, amp.USE_AMP, cfg.MODEL.CHANNELS_LAST,
     )
     model.train()
     start_time = time.perf_counter()
     start_iteration = iteration
     stopped = False
-    with _checkpoint_on_sigterm():
+    with _StopSignals(deferred=world_size > 1) as signals:
         try:
             for epoch in range(start_epoch, cfg.OPTIMIZER.num_epochs):
-                first = position // cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA if epoch == start_epoch else 0
+                first = position // batch if epoch == start_epoch else 0
                 sampler.set_epoch(epoch, start_index=position if epoch == start_epoch else 0)
                 dataset.set_epoch(epoch)
                 replaced = 0
                 window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
                 bar = tqdm(
                     total=iters_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.OPTIMIZER.num_epochs}",
-                    disable=None, dynamic_ncols=True, leave=False, file=sys.stderr,
+                    disable=None if main_process else True, dynamic_ncols=True, leave=False, file=sys.stderr,
                 )
-                for step_in_epoch, batch in enumerate(loader, start=first):
-                    lr = float(lr_schedule[iteration])
-                    loss = train_step(ctx, batch["crops"], iteration, lr)
-                    replaced += int(batch["replaced"].sum())
+                for step_in_epoch, batch_data in enumerate(loader, start=first):
+                    lr = float(lr_schedule[min(iteration, len(lr_schedule) - 1)])
+                    loss = train_step(ctx, batch_data["crops"], iteration, lr)
+                    replaced += int(batch_data["replaced"].sum())
                     window_loss += loss
                     window_iters += 1
                     iteration += 1
-                    position = (step_in_epoch + 1) * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+                    position = (step_in_epoch + 1) * batch
                     bar.update(1)
                     if iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == iters_per_epoch:
-                        # One host sync per logging window, not per iteration.
+                        # One host sync per logging window, not per iteration; the loss is the mean over ranks.
                         elapsed = time.perf_counter() - window_start
-                        mean_loss = window_loss.item() / window_iters
+                        mean_loss = distributed.mean_over_ranks(window_loss).item() / window_iters
                         speed = window_iters * global_batch / max(elapsed, 1e-9)
                         done = (iteration - start_iteration) / max(time.perf_counter() - start_time, 1e-9)
                         eta = (total_iters - iteration) / max(done, 1e-9)
@@ -391,6 +462,8 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
                         runlog.check_collapse(mean_loss, num_prototypes, epoch)
                         window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
+                        if signals.deferred and distributed.any_rank(signals.requested is not None, device):
+                            raise _StopRequested(signals.requested or "a signal to another process")
                     if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
                         save(checkpoint.CHECKPOINT_NAME, epoch, position)
                     if stop_after_iters is not None and iteration >= stop_after_iters:
@@ -405,7 +478,9 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                     save(checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
                 knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
                 if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
-                    run_knn_monitor(cfg, model, device, epoch + 1, runlog, knn_data)
+                    if main_process:
+                        run_knn_monitor(cfg, core, device, epoch + 1, runlog, knn_data)
+                    distributed.barrier()
         except (_StopRequested, KeyboardInterrupt) as e:
             stopped = True
             save(checkpoint.CHECKPOINT_NAME, epoch, position)
@@ -414,11 +489,14 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
         runlog.close()
         return {"iteration": iteration, "run_dir": str(run_dir), "stopped": True}
 
-    checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
-                            "iteration": iteration, "config": to_yaml(cfg)}, run_dir / checkpoint.FINAL_NAME)
+    if main_process:
+        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "model": core.state_dict(),
+                                "iteration": iteration, "config": to_yaml(cfg)}, run_dir / checkpoint.FINAL_NAME)
     summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
-        summary["knn"] = run_knn_monitor(cfg, model, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data)
+        if main_process:
+            summary["knn"] = run_knn_monitor(cfg, core, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data)
+        distributed.barrier()
     runlog.close()
     logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
     return summary

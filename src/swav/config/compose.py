@@ -185,7 +185,9 @@ def compose(overrides: list[str]) -> dict:
         if not path.is_file():
             folder = path.parent
             options = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-            hint = f" Options in that group: {', '.join(options)}." if options else ""
+            close = difflib.get_close_matches(path.stem, options, n=1, cutoff=0.6)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            hint += f" Options in that group: {', '.join(options)}." if options else ""
             raise ConfigError(f"+config/{group.rsplit('/', 1)[0]}={path.stem}: no such group option.{hint}")
         cfg = merge_checked(cfg, read_yaml(path), source=f"+config/{group}")
     for dotted, value in keys:

@@ -11,7 +11,14 @@ import copy
 import logging
 
 from swav.config.compose import ConfigError
-from swav.models import RESNET_ARCHS, SUPPORTED_TRUNKS
+from swav.models import (
+    REGNET_KEYS,
+    RESNET_ARCHS,
+    SUPPORTED_TRUNKS,
+    regnet_block_params,
+    regnet_kwargs,
+    trunk_num_features,
+)
 
 logger = logging.getLogger("swav")
 
@@ -64,6 +71,56 @@ def swav_head_params(cfg: dict) -> dict:
     return head
 
 
+def _regnet_types(regnet: dict) -> None:
+    ints = ("depth", "w_0", "group_width")
+    for key in REGNET_KEYS:
+        value = regnet[key]
+        if value is None:
+            continue
+        ok = isinstance(value, int) if key in ints else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            kind = "an integer" if key in ints else "a number"
+            raise ConfigError(f"config.MODEL.TRUNK.REGNET.{key} must be {kind}, got {value!r}")
+    if not isinstance(regnet["stem_width"], int) or regnet["stem_width"] < 1:
+        raise ConfigError(
+            f"config.MODEL.TRUNK.REGNET.stem_width must be a positive integer, got {regnet['stem_width']!r}"
+        )
+
+
+def check_trunk(trunk: dict) -> None:
+    """The trunk section names an architecture this package can build."""
+    if trunk["NAME"] not in SUPPORTED_TRUNKS:
+        raise ConfigError(
+            f"config.MODEL.TRUNK.NAME={trunk['NAME']!r} is not available; supported: {', '.join(SUPPORTED_TRUNKS)}"
+        )
+    if trunk["NAME"] == "resnet":
+        if trunk["RESNETS"]["DEPTH"] not in RESNET_DEPTHS:
+            raise ConfigError(
+                f"config.MODEL.TRUNK.RESNETS.DEPTH={trunk['RESNETS']['DEPTH']} is not one of {RESNET_DEPTHS}"
+            )
+        return
+    _regnet_types(trunk["REGNET"])
+    try:
+        regnet_block_params(**regnet_kwargs({"MODEL": {"TRUNK": trunk}}))
+    except ValueError as e:
+        raise ConfigError(f"config.MODEL.TRUNK.REGNET: {e}") from None
+
+
+def describe_trunk(trunk: dict) -> str:
+    if trunk["NAME"] == "regnet":
+        regnet = trunk["REGNET"]
+        if regnet["name"]:
+            return f"RegNet {regnet['name']}"
+        return "RegNet " + ", ".join(f"{k}={regnet[k]}" for k in REGNET_KEYS if regnet[k] is not None)
+    r = trunk["RESNETS"]
+    text = f"ResNet-{r['DEPTH']}"
+    if r["WIDTH_MULTIPLIER"] != 1:
+        text += f"-w{r['WIDTH_MULTIPLIER']}"
+    if r["GROUPS"] != 1:
+        text += f" {r['GROUPS']}x{r['WIDTH_PER_GROUP']}d"
+    return text
+
+
 def infer(cfg: dict, world_size: int | None = None) -> dict:
     """Return a copy of `cfg` with every inferred key filled in and cross-key rules checked."""
     cfg = copy.deepcopy(cfg)
@@ -81,28 +138,33 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
         )
 
     trunk = cfg["MODEL"]["TRUNK"]
-    if trunk["NAME"] not in SUPPORTED_TRUNKS:
-        raise ConfigError(
-            f"config.MODEL.TRUNK.NAME={trunk['NAME']!r} is not available; supported: {', '.join(SUPPORTED_TRUNKS)}"
-        )
-    if trunk["RESNETS"]["DEPTH"] not in RESNET_DEPTHS:
-        raise ConfigError(
-            f"config.MODEL.TRUNK.RESNETS.DEPTH={trunk['RESNETS']['DEPTH']} is not one of {RESNET_DEPTHS}"
-        )
+    check_trunk(trunk)
 
     # The loss reads its shapes from the data and model sections, so they cannot disagree.
     crops = multicrop_spec(cfg)
-    # A crop must still be at least 2x2 when it enters the last ResNet stage: a 1x1 map there
-    # carries no spatial information, and oneDNN's bfloat16 backward of a strided 3x3 conv on a
-    # 1x1 input returns garbage gradients (torch 2.14 on CPU), which shows up as a NaN loss.
-    smallest = 8 if trunk["RESNETS"]["SMALL_STEM"] else 32
+    # A crop must still be at least 2x2 when it enters the last stage (both trunks stride 32 with
+    # their standard stems): a 1x1 map there carries no spatial information, and oneDNN's
+    # bfloat16 backward of a strided 3x3 conv on a 1x1 input returns garbage gradients
+    # (torch 2.14 on CPU), which shows up as a NaN loss.
+    small_stem = trunk["NAME"] == "resnet" and trunk["RESNETS"]["SMALL_STEM"]
+    smallest = 8 if small_stem else 32
     too_small = [s for s in crops["size_crops"] if s < smallest]
     if too_small:
+        hint = "" if small_stem or trunk["NAME"] != "resnet" else (
+            ", or use MODEL.TRUNK.RESNETS.SMALL_STEM=true for small images"
+        )
         raise ConfigError(
-            f"config.DATA.TRAIN.TRANSFORMS: crop size {min(too_small)} is too small for this ResNet "
-            f"(at least {smallest} px{'' if trunk['RESNETS']['SMALL_STEM'] else ', or use MODEL.TRUNK.RESNETS.SMALL_STEM=true for small images'})"
+            f"config.DATA.TRAIN.TRANSFORMS: crop size {min(too_small)} is too small for this "
+            f"{'ResNet' if trunk['NAME'] == 'resnet' else 'RegNet'} (at least {smallest} px{hint})"
         )
     head = swav_head_params(cfg)
+    # Computed from the architecture's arithmetic, so checking a 10444-wide RegNet costs nothing.
+    features = trunk_num_features(cfg)
+    if int(head["dims"][0]) != features:
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: swav_head dims[0]={head['dims'][0]} but the trunk "
+            f"({describe_trunk(trunk)}) gives {features} features; set dims to [{features}, ...]"
+        )
     loss["num_crops"] = int(crops["total_num_crops"])
     loss["embedding_dim"] = int(head["dims"][-1])
     loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
@@ -116,6 +178,13 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
             f"config.LOSS.swav_loss.crops_for_assign={list(loss['crops_for_assign'])}: each entry must be a crop"
             f" index below num_crops={loss['num_crops']}"
         )
+    if int(loss["temp_hard_assignment_iters"]) < -1:
+        raise ConfigError(
+            "config.LOSS.swav_loss.temp_hard_assignment_iters must be >= -1 "
+            "(0: soft codes, N: hard for the first N iterations, -1: hard for the whole run)"
+        )
+    if int(loss["num_iters"]) < 1:
+        raise ConfigError("config.LOSS.swav_loss.num_iters must be >= 1 (3 in the paper)")
     if not loss["output_dir"]:
         loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
 
@@ -164,5 +233,10 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], int)):
             raise ConfigError(
                 f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP entries are [name, iterations], got {entry!r}"
+            )
+        if entry[1] < -1:
+            raise ConfigError(
+                f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP: {entry!r} needs iterations >= -1 "
+                "(-1: frozen for the whole run, e.g. fixed random prototypes)"
             )
     return cfg

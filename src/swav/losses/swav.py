@@ -20,6 +20,9 @@ class SwAVLoss(nn.Module):
     ``[num_crops * B, K]`` stacked crop-major (all images' crop 0, then crop 1, ...), or a list of
     them, one per prototype set; the loss is averaged over other crops, assignment crops and sets.
 
+    ``temp_hard_assignment_iters``: one-hot (argmax) codes for that many first iterations; -1
+    means for the whole run (the hard-assignment ablation, paper table 9).
+
     The queue (``queue_length`` rows per assignment crop, on this rank) stores past embeddings;
     from ``queue_start_iter`` on, its scores against the current prototypes are prepended to
     the batch before Sinkhorn, which helps when the batch is much smaller than the number of
@@ -174,7 +177,7 @@ class SwAVLoss(nn.Module):
                     queued = self.queue[i, :filled] @ prototypes.detach().float().t()
                     out = torch.cat([queued, out])
                 q = sinkhorn(out, self.epsilon, self.num_iters, self.use_double_precision)[-batch:]
-                if iteration < self.temp_hard_assignment_iters:
+                if self.temp_hard_assignment_iters < 0 or iteration < self.temp_hard_assignment_iters:
                     q = hard_assignment(q)
                 codes.append(q.float())
         return codes

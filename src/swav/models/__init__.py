@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from swav.models.heads import SwAVHead
+from swav.models.regnet import REGNET_ARCHS, RegNet, regnet_block_params, regnet_num_features
 from swav.models.resnet import RESNET_ARCHS, ResNet, resnet_num_features
 from swav.models.ssl import SSLModel
 
 __all__ = [
+    "REGNET_ARCHS",
     "RESNET_ARCHS",
+    "REGNET_KEYS",
+    "RegNet",
     "ResNet",
     "SSLModel",
     "SUPPORTED_HEADS",
@@ -21,13 +26,26 @@ __all__ = [
     "build_head",
     "build_model",
     "build_trunk",
+    "regnet_block_params",
+    "regnet_kwargs",
+    "regnet_num_features",
     "resnet_num_features",
     "trunk_num_features",
 ]
 
-SUPPORTED_TRUNKS = ("resnet",)
+SUPPORTED_TRUNKS = ("resnet", "regnet")
 SUPPORTED_HEADS = ("swav_head",)
 _SWAV_HEAD_KEYS = ("dims", "use_bn", "num_clusters", "normalize_feats")
+# MODEL.TRUNK.REGNET keys that shape the architecture (stem_width is read separately).
+REGNET_KEYS = (
+    "depth",
+    "w_0",
+    "w_a",
+    "w_m",
+    "group_width",
+    "bottleneck_multiplier",
+    "se_ratio",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -37,12 +55,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _get(section: Any, key: str, default: Any = None) -> Any:
+    """``section[key]`` for dicts (as ``swav.config.infer`` passes them), attribute otherwise."""
+    if isinstance(section, Mapping):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def _trunk_section(cfg: Any) -> Any:
+    return _get(_get(cfg, "MODEL"), "TRUNK")
+
+
 def _trunk_name(cfg: Any) -> str:
-    name = str(cfg.MODEL.TRUNK.NAME).lower()
-    if name == "regnet":
-        raise NotImplementedError(
-            "MODEL.TRUNK.NAME=regnet: RegNet trunks are not available yet; use 'resnet'"
-        )
+    name = str(_get(_trunk_section(cfg), "NAME")).lower()
     if name not in SUPPORTED_TRUNKS:
         raise ValueError(
             f"MODEL.TRUNK.NAME={name!r} is not supported; supported trunks: {list(SUPPORTED_TRUNKS)}"
@@ -50,26 +75,45 @@ def _trunk_name(cfg: Any) -> str:
     return name
 
 
+def regnet_kwargs(cfg: Any) -> dict[str, Any]:
+    """``MODEL.TRUNK.REGNET`` as arguments of ``regnet_block_params`` (unset keys left out)."""
+    section = _get(_trunk_section(cfg), "REGNET")
+    if section is None:
+        raise ValueError("MODEL.TRUNK.NAME=regnet needs a MODEL.TRUNK.REGNET section")
+    kwargs: dict[str, Any] = {"name": _get(section, "name") or None}
+    for key in REGNET_KEYS:
+        value = _get(section, key)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
 def trunk_num_features(cfg: Any) -> int:
-    """Width of the trunk's pooled output for this config, without building the trunk."""
-    _trunk_name(cfg)
-    r = cfg.MODEL.TRUNK.RESNETS
-    return resnet_num_features(int(r.DEPTH), int(r.WIDTH_MULTIPLIER))
+    """Width of the trunk's pooled output for this config, computed without building the trunk."""
+    trunk = _trunk_section(cfg)
+    if _trunk_name(cfg) == "regnet":
+        return regnet_num_features(regnet_block_params(**regnet_kwargs(cfg)))
+    r = _get(trunk, "RESNETS")
+    return resnet_num_features(int(_get(r, "DEPTH")), int(_get(r, "WIDTH_MULTIPLIER")))
 
 
-def build_trunk(cfg: Any) -> ResNet:
-    _trunk_name(cfg)
-    r = cfg.MODEL.TRUNK.RESNETS
+def build_trunk(cfg: Any) -> ResNet | RegNet:
+    trunk = _trunk_section(cfg)
+    if _trunk_name(cfg) == "regnet":
+        stem_width = _get(_get(trunk, "REGNET"), "stem_width")
+        return RegNet(
+            regnet_block_params(**regnet_kwargs(cfg)),
+            stem_width=int(stem_width) if stem_width else 32,
+        )
+    r = _get(trunk, "RESNETS")
     return ResNet(
-        depth=int(r.DEPTH),
-        width_multiplier=int(r.WIDTH_MULTIPLIER),
-        groups=int(r.GROUPS),
-        width_per_group=int(r.WIDTH_PER_GROUP),
-        small_stem=bool(r.SMALL_STEM),
-        zero_init_residual=bool(r.ZERO_INIT_RESIDUAL),
+        depth=int(_get(r, "DEPTH")),
+        width_multiplier=int(_get(r, "WIDTH_MULTIPLIER")),
+        groups=int(_get(r, "GROUPS")),
+        width_per_group=int(_get(r, "WIDTH_PER_GROUP")),
+        small_stem=bool(_get(r, "SMALL_STEM")),
+        zero_init_residual=bool(_get(r, "ZERO_INIT_RESIDUAL")),
     )
-
-
 def build_head(cfg: Any, in_features: int) -> SwAVHead:
     """The head from ``MODEL.HEAD.PARAMS`` = ``[["swav_head", {...}]]``, checked against the
     trunk width ``in_features``."""

@@ -1,0 +1,333 @@
+"""`swav report RUN_DIR`: assemble the page from the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from swav.report import plots
+from swav.report.gallery import (
+    GallerySkipped,
+    center_crop,
+    compute_gallery,
+    majority_label,
+    most_used,
+    top_images,
+    usage_stats,
+)
+from swav.report.page import Section, render_page
+from swav.report.runfiles import (
+    METRICS_NAME,
+    check_run_dir,
+    format_value,
+    knn_history,
+    load_run_config,
+    read_eval_results,
+    read_metrics,
+)
+from swav.runlog import format_duration
+
+DEFAULT_NUM_IMAGES = 1024
+
+
+def build_report(
+    run_dir: str | Path,
+    output: str | Path | None = None,
+    num_images: int = DEFAULT_NUM_IMAGES,
+    gallery: bool = True,
+    num_prototypes_shown: int = 12,
+    images_per_prototype: int = 8,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Write the HTML page (default RUN_DIR/report/index.html) and its PNGs next to it.
+
+    Returns a summary: ``html`` path, ``images`` (PNG paths), ``notes``, and ``usage`` (counts per
+    prototype) with ``usage_stats`` when the gallery was made.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    html_path = Path(output) if output is not None else run_dir / "report" / "index.html"
+    if html_path.is_dir():
+        html_path = html_path / "index.html"
+    out_dir = html_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "" if html_path.stem == "index" else f"{html_path.stem}_"
+    summary: dict = {"html": html_path, "images": [], "notes": []}
+
+    def png(name: str) -> Path:
+        path = out_dir / f"{prefix}{name}.png"
+        summary["images"].append(path)
+        return path
+
+    def note(section: Section, text: str) -> None:
+        section.note(text)
+        summary["notes"].append(text)
+
+    cfg, config_note = load_run_config(run_dir)
+    rows, bad_lines = read_metrics(run_dir / METRICS_NAME)
+    num_prototypes = [int(k) for k in cfg.LOSS.swav_loss.num_prototypes]
+
+    overview = Section("Run")
+    overview.facts(_run_facts(cfg, rows))
+    if config_note:
+        note(overview, config_note)
+    sections = [overview]
+
+    training = Section("Training")
+    if rows:
+        path = png("curves")
+        collapse = float(np.mean([math.log(k) for k in num_prototypes])) if num_prototypes else None
+        plots.training_curves(rows, path, collapse)
+        training.image(
+            path.name,
+            "loss, learning rate and throughput against the iteration",
+            "Loss (mean over each logging window), learning rate and throughput per logged step. "
+            "A loss that stays on the red line has not learned anything: codes and predictions are uniform.",
+        )
+    else:
+        note(training, f"{METRICS_NAME} has no rows yet.")
+    if bad_lines:
+        note(training, f"{bad_lines} unreadable line(s) in {METRICS_NAME} were skipped.")
+    history = knn_history(run_dir)
+    if any(len(points) >= 2 for points in history.values()):
+        path = png("knn")
+        plots.knn_curve(history, path)
+        training.image(
+            path.name,
+            "kNN top-1 over epochs",
+            "Weighted kNN top-1 of the trunk's features, measured during training.",
+        )
+    sections.append(training)
+
+    results = Section("Evaluation results")
+    tables = read_eval_results(run_dir)
+    for table in tables:
+        results.results(table)
+    if not tables:
+        results.text(
+            "No evaluation results in the run folder yet (knn.json, linear.json, semisup.json, svm.json "
+            "are written by swav knn, linear, semisup and svm)."
+        )
+    sections.append(results)
+
+    if gallery:
+        sections.append(
+            _gallery_section(
+                cfg,
+                run_dir,
+                num_images,
+                num_prototypes_shown,
+                images_per_prototype,
+                image_size,
+                seed,
+                png,
+                note,
+                summary,
+            )
+        )
+
+    generated = datetime.now().strftime("%Y-%m-%d %H:%M")
+    html_path.write_text(
+        render_page(
+            f"SwAV run: {run_dir.resolve().name}",
+            str(run_dir.resolve()),
+            sections,
+            f"swav report, {generated}",
+        )
+    )
+    return summary
+
+
+def _gallery_section(
+    cfg, run_dir, num_images, num_shown, per_row, image_size, seed, png, note, summary
+) -> Section:
+    section = Section("Clusters")
+    start = time.perf_counter()
+    try:
+        data, dataset = compute_gallery(cfg, run_dir, num_images, image_size=image_size, seed=seed)
+    except GallerySkipped as e:
+        note(section, f"No cluster gallery: {e}")
+        return section
+    stats = usage_stats(data.counts)
+    summary["usage"], summary["usage_stats"] = data.counts, stats
+    n, k = stats["images"], stats["prototypes"]
+    sets = (
+        f" (the first of {data.num_prototype_sets} prototype sets)"
+        if data.num_prototype_sets > 1
+        else ""
+    )
+    section.text(
+        f"{n} training images (a fixed random sample, centre crops of {data.image_size} px) through the model of "
+        f"{data.checkpoint}; each image goes to the prototype{sets} it scores highest on."
+    )
+
+    path = png("usage")
+    plots.usage_histogram(data.counts, path)
+    fewer = f" With fewer images than prototypes, at most {n} can be used." if n < k else ""
+    section.image(
+        path.name,
+        "prototype usage histogram",
+        f"Prototype usage: {stats['used']} of {k} prototypes used; entropy {stats['entropy']:.2f} nats "
+        f"(uniform: ln K = {stats['max_entropy']:.2f}), i.e. {stats['effective']:.1f} effective prototypes. "
+        "Counts close to the grey line (what equal probabilities give at this sample size) are the equipartition "
+        f"SwAV aims for; a few tall bars and a long empty tail mean collapse.{fewer}",
+    )
+
+    rows = []
+    for p in most_used(data.counts, num_shown):
+        positions = top_images(data.scores, p, per_row)
+        images = [center_crop(dataset[int(data.indices[i])][0], data.image_size) for i in positions]
+        assigned = [bool(data.assignments[i] == p) for i in positions]
+        caption = f"prototype {p}\n{int(data.counts[p])} images"
+        majority = majority_label(data.labels, data.assignments, p)
+        if majority is not None:
+            label, share = majority
+            name = (
+                data.class_names[label]
+                if data.class_names and label < len(data.class_names)
+                else f"class {label}"
+            )
+            caption += f"\n{share:.0%} {name}"
+        rows.append((caption, images, assigned))
+    if rows:
+        path = png("gallery")
+        plots.gallery_mosaic(rows, path)
+        section.image(
+            path.name,
+            "images with the highest score for the most used prototypes",
+            f"The {len(rows)} most used prototype{'s' if len(rows) > 1 else ''}, each with the {per_row} sampled images that score highest on it "
+            "(green frame: the prototype is the image's argmax; grey: another prototype wins it)"
+            + (
+                "; the share is the commonest label among the images assigned to it."
+                if data.labels.ge(0).any()
+                else "."
+            ),
+        )
+    section.text(f"Computed in {time.perf_counter() - start:.1f} s.")
+    return section
+
+
+def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
+    r = cfg.MODEL.TRUNK.RESNETS
+    crops = cfg.DATA.TRAIN.TRANSFORMS[0]
+    loss = cfg.LOSS.swav_loss
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    world = int(cfg.DISTRIBUTED.NUM_NODES) * int(cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+    batch = int(cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+    facts = [
+        (
+            "data",
+            ", ".join(
+                f"{s}: {p}"
+                for s, p in zip(
+                    cfg.DATA.TRAIN.DATA_SOURCES, cfg.DATA.TRAIN.DATA_PATHS, strict=False
+                )
+            ),
+        ),
+        (
+            "trunk",
+            f"ResNet-{r.DEPTH}"
+            + (f" w{r.WIDTH_MULTIPLIER}" if r.WIDTH_MULTIPLIER != 1 else "")
+            + (" (small stem)" if r.SMALL_STEM else ""),
+        ),
+        (
+            "prototypes",
+            " + ".join(str(k) for k in loss.num_prototypes) + f", embedding {loss.embedding_dim}-d",
+        ),
+        (
+            "crops",
+            " + ".join(f"{n}x{s}" for n, s in zip(crops.num_crops, crops.size_crops, strict=False)),
+        ),
+        ("batch", f"{batch} x {world} process(es) = {batch * world}"),
+        (
+            "loss",
+            f"temperature {loss.temperature}, epsilon {loss.epsilon}, {loss.num_iters} Sinkhorn iterations"
+            + (
+                f", queue {loss.queue.queue_length} from iteration {loss.queue.start_iter}"
+                if loss.queue.queue_length
+                else ""
+            ),
+        ),
+        (
+            "learning rate",
+            f"{lr.name}, {format_value(float(lr.scaled.base_value))} to {format_value(float(lr.scaled.end_value))}"
+            f" after {lr.warmup_epochs} warm-up epoch(s)",
+        ),
+    ]
+    if rows:
+        last = rows[-1]
+        facts.append(
+            (
+                "progress",
+                f"iteration {last['iteration']}, epoch {int(last.get('epoch', 0)) + 1} of "
+                f"{cfg.OPTIMIZER.num_epochs}",
+            )
+        )
+        facts.append(("last loss", format_value(float(last.get("loss", math.nan)))))
+        times = [row["time"] for row in rows if isinstance(row.get("time"), (int, float))]
+        if len(times) >= 2:
+            span = format_duration(times[-1] - times[0])
+            facts.append(
+                ("logged wall time", f"{span} (first to last logged step, pauses included)")
+            )
+    return facts
+
+
+def main(argv: list[str]) -> int:
+    """`swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery]`."""
+    parser = argparse.ArgumentParser(
+        prog="swav report",
+        description="An HTML page about a training run: curves, evaluation results and a cluster gallery. "
+        "Opens in a browser from disk.",
+    )
+    parser.add_argument("run_dir", help="the run folder (config.CHECKPOINT.DIR of a training run)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="the HTML file (default RUN_DIR/report/index.html); PNGs go next to it",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=_positive,
+        default=DEFAULT_NUM_IMAGES,
+        help=f"training images scored for the gallery (default {DEFAULT_NUM_IMAGES}); use several "
+        "times the number of prototypes for a telling usage histogram",
+    )
+    parser.add_argument(
+        "--no-gallery", action="store_true", help="plots and results only: no model, no images"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=_positive,
+        default=None,
+        help="centre-crop size for the gallery (default: the training's large crop size)",
+    )
+    args = parser.parse_args(argv)
+    summary = build_report(
+        args.run_dir,
+        output=args.output,
+        num_images=args.num_images,
+        gallery=not args.no_gallery,
+        image_size=args.image_size,
+    )
+    for text in summary["notes"]:
+        print(f"note: {text}")
+    html_path = Path(summary["html"]).resolve()
+    print(f"report written to {html_path}\nopen it in a browser: {html_path.as_uri()}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
