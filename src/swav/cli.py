@@ -12,6 +12,12 @@ usage: swav COMMAND [config=NAME] [+config/GROUP=OPTION ...] [config.KEY=VALUE .
 commands:
   train     pretrain (with no config= it runs the built-in quickstart)
   config    print the composed, validated and inferred config as YAML (--list: the packaged configs)
+  extract   trunk features (+ labels, paths) of DATA.TRAIN / DATA.TEST into CHECKPOINT.DIR/features/
+  knn       weighted kNN (k 20 and 200, T 0.1) of trunk features -> knn.json
+  linear    linear classifier on the frozen trunk (A.3 / A.5; EVAL.LINEAR.FAST: precomputed features) -> linear.json
+  semisup   fine-tune with 1 % / 10 % of the labels (A.4) -> semisup.json
+  svm       per-class linear SVMs: mAP (VOC07, A.5), low-shot -> svm.json
+  export    swav export CHECKPOINT OUT.pth: the trunk as a torchvision-style state dict
   report    an HTML page about a run: curves, evaluation results, cluster gallery
             (swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery])
 
@@ -20,11 +26,18 @@ examples:
   swav train config=pretrain/swav/swav_8node_resnet config.LOSS.swav_loss.epsilon=0.04
   swav train config=pretrain/swav/swav_8node_resnet +config/pretrain/swav/models=resnet101
   swav config config=my_experiment.yaml config.OPTIMIZER.num_epochs=100
+  swav knn config=benchmark/knn/knn_cifar10 config.MODEL.WEIGHTS_INIT.PARAMS_FILE=RUN/model_final_checkpoint.torch
 """
 
 # Commands that live in their own modules: name -> "module:function", the function takes the
 # arguments after the command name and returns the exit code. Imported only when called.
 EXTRA_COMMANDS: dict[str, str] = {
+    "extract": "swav.eval.commands:extract_main",
+    "knn": "swav.eval.commands:knn_main",
+    "linear": "swav.eval.commands:linear_main",
+    "semisup": "swav.eval.commands:semisup_main",
+    "svm": "swav.eval.commands:svm_main",
+    "export": "swav.eval.commands:export_main",
     "report": "swav.report:main",
 }
 

@@ -130,12 +130,17 @@ def knn_classify(
 class EvalTransform:
     """Deterministic evaluation transform: images already ``image_size`` square pass as they
     are; others are resized (to ``image_size / 0.875`` if larger, else to ``image_size``) and
-    centre-cropped. Then ToTensor and ImageNet normalisation."""
+    centre-cropped. Then ToTensor and normalisation (ImageNet's mean and std by default)."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.image_size = image_size
         self.to_tensor = transforms.Compose(
-            [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
         )
         self.shrink = transforms.Compose(
             [transforms.Resize(int(image_size / 0.875)), transforms.CenterCrop(image_size)]

@@ -1,0 +1,143 @@
+"""Features of a frozen trunk: pooled stage outputs, dataset labels, (distributed) extraction."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from swav.models.resnet import STAGE_NAMES
+
+logger = logging.getLogger("swav")
+
+
+class PooledStage(nn.Module):
+    """``trunk.forward_stages`` output of one stage, average-pooled to ``pool_size`` squared and
+    flattened: ``res5`` with ``pool_size`` 1 is the trunk's own output."""
+
+    def __init__(self, trunk: nn.Module, layer: str = "res5", pool_size: int = 1) -> None:
+        super().__init__()
+        if layer not in STAGE_NAMES:
+            raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(STAGE_NAMES)}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        self.trunk, self.layer, self.pool_size = trunk, layer, pool_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.layer == "res5" and self.pool_size == 1:
+            return self.trunk(x)
+        out = self.trunk.forward_stages(x, (self.layer,))[self.layer]
+        return F.adaptive_avg_pool2d(out, self.pool_size).flatten(1)
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """Labels of a dataset from ``swav.data.build_dataset`` without decoding its images.
+
+    Unwraps RobustDataset / LimitedDataset / ConcatImageDataset down to the sample lists (or the
+    synthetic labels); anything else is read item by item.
+    """
+    if hasattr(dataset, "samples"):
+        return np.asarray([label for _, label in dataset.samples], dtype=np.int64)
+    if hasattr(dataset, "labels") and len(dataset.labels) == len(dataset):
+        return np.asarray(dataset.labels, dtype=np.int64)
+    if hasattr(dataset, "limit") and hasattr(dataset, "dataset"):
+        return dataset_labels(dataset.dataset)[: dataset.limit]
+    if hasattr(dataset, "datasets"):
+        return np.concatenate([dataset_labels(d) for d in dataset.datasets])
+    if hasattr(dataset, "dataset") and len(dataset.dataset) == len(dataset):
+        return dataset_labels(dataset.dataset)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+class Transformed(Dataset):
+    """``(transform(image), label, index)`` from a dataset of ``(image, label, ...)``, optionally
+    restricted to ``indices``."""
+
+    def __init__(self, dataset, transform, indices: Sequence[int] | None = None) -> None:
+        self.dataset, self.transform = dataset, transform
+        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        index = self.indices[i]
+        image, label = self.dataset[index][:2]
+        return self.transform(image), int(label), index
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def extract_dataset(
+    model: nn.Module,
+    dataset,
+    transform,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor] | None:
+    """Raw (not normalised) features ``[N, D]`` and labels ``[N]`` of every image, in dataset order.
+
+    With an initialised process group each rank takes every world-size-th image and rank 0
+    gathers and reorders them; other ranks return None. The model runs in eval mode (BN
+    statistics frozen) and its mode is restored afterwards.
+    """
+    rank, world = _rank_world()
+    device = torch.device(device)
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(
+        Transformed(dataset, transform, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    feats, labels, order = [], [], []
+    try:
+        for images, targets, idx in tqdm(loader, desc=desc, disable=None if rank == 0 else True,
+                                         leave=False, file=sys.stderr, dynamic_ncols=True):
+            with autocast:
+                out = model(images.to(device, non_blocking=True))
+            feats.append(out.float().flatten(1).cpu())
+            labels.append(targets)
+            order.append(idx)
+    finally:
+        model.train(was_training)
+    width = feats[0].shape[1] if feats else 0
+    local = (
+        torch.cat(feats) if feats else torch.zeros(0, width),
+        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        torch.cat(order) if order else torch.zeros(0, dtype=torch.long),
+    )
+    if world == 1:
+        features, targets, _ = local
+        return features, targets.long()
+    # Objects, not tensors: shards differ in length by one. No gradients flow (no_grad above).
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if rank != 0:
+        return None
+    parts = [p for p in gathered if p[0].shape[0] > 0]
+    features = torch.cat([p[0] for p in parts])
+    targets = torch.cat([p[1] for p in parts]).long()
+    position = torch.cat([p[2] for p in parts]).argsort()
+    return features[position], targets[position]
