@@ -337,3 +337,64 @@ def test_a_killed_worker_ends_the_run_and_a_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"iteration {saved}" in (run / "log.txt").read_text().split("resumed from")[-1]
     assert torch.load(run / "checkpoint.torch", weights_only=False)["iteration"] == 32
+
+
+def test_spawn_ranks_and_rendezvous():
+    from swav.config import load_config
+    from swav.distributed import spawn_env, spawn_run_id
+
+    one_node = load_config(["config=quickstart", "config.DISTRIBUTED.NUM_PROC_PER_NODE=4"])
+    assert spawn_run_id(one_node).startswith("127.0.0.1:")
+    env = spawn_env(one_node, 3, "127.0.0.1:1234")
+    assert (env.rank, env.local_rank, env.world_size, env.init_method) == (3, 3, 4, "tcp://127.0.0.1:1234")
+
+    second_node = load_config(["config=quickstart", "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=4",
+                               "config.DISTRIBUTED.INIT_METHOD=tcp", "config.DISTRIBUTED.RUN_ID=head:29500",
+                               "config.DISTRIBUTED.NODE_ID=1"])
+    assert spawn_run_id(second_node) == "head:29500"
+    env = spawn_env(second_node, 2, "head:29500")
+    assert (env.rank, env.local_rank, env.world_size, env.num_nodes) == (6, 2, 8, 2)
+
+    with pytest.raises(ConfigError, match="torchrun or SLURM"):
+        spawn_run_id(load_config(["config=quickstart", "config.DISTRIBUTED.NUM_NODES=2"]))
+    with pytest.raises(ConfigError, match="needs config.DISTRIBUTED.RUN_ID"):
+        spawn_run_id(load_config(["config=quickstart", "config.DISTRIBUTED.NUM_NODES=2",
+                                  "config.DISTRIBUTED.INIT_METHOD=tcp"]))
+    with pytest.raises(ConfigError, match="NODE_ID=2"):
+        spawn_run_id(load_config(["config=quickstart", "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.INIT_METHOD=file",
+                                  "config.DISTRIBUTED.RUN_ID=/shared/rdzv", "config.DISTRIBUTED.NODE_ID=2"]))
+
+
+def test_launcher_world_size_wins_over_the_config():
+    from swav.distributed import DistEnv
+    from swav.launch import config_for_launcher
+
+    cfg = config_for_launcher(["config=quickstart"], DistEnv(rank=1, local_rank=1, world_size=8, local_world_size=4,
+                                                             launcher="torchrun"))
+    assert (cfg.DISTRIBUTED.NUM_NODES, cfg.DISTRIBUTED.NUM_PROC_PER_NODE) == (2, 4)
+    # The learning rate follows the launched global batch: 128 x 8 images, base 0.3 per 256.
+    assert cfg.OPTIMIZER.param_schedulers.lr.scaled.base_value == pytest.approx(0.3 * 128 * 8 / 256)
+
+
+def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
+            f"config.CHECKPOINT.DIR={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.torch").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved, rerun the same command to resume" in stdout + stderr
+    ckpt = torch.load(run / "checkpoint.torch", weights_only=False)
+    assert 0 < ckpt["iteration"] < 64 and len(ckpt["loss_per_rank"]) == 2

@@ -138,7 +138,14 @@ def test_export_round_trips_into_torchvision(tmp_path):
     # The same through the command line; refused formats say why.
     assert export_main([str(tmp_path / "ckpt.torch"), str(tmp_path / "cli.torch")]) == 0
     _same(torch.load(tmp_path / "cli.torch", weights_only=True), exported)
-    with pytest.raises(ValueError, match="safetensors"):
-        export_trunk(tmp_path / "ckpt.torch", tmp_path / "trunk.safetensors")
+    # safetensors: the same tensors, and they load back into a trunk.
+    export_trunk(tmp_path / "ckpt.torch", tmp_path / "trunk.safetensors")
+    from safetensors.torch import load_file as load_safetensors
+
+    _same(load_safetensors(str(tmp_path / "trunk.safetensors")), exported)
+    again = ResNet(depth=18)
+    assert load_trunk_weights(again, tmp_path / "trunk.safetensors")["format"] == "trunk state dict"
+    with pytest.raises(ValueError, match="safetensors file name"):
+        export_trunk(tmp_path / "ckpt.torch", tmp_path / "trunk.bin")
     state, fmt = trunk_state_dict(torch.load(tmp_path / "ckpt.torch", weights_only=True))
     assert fmt == "swav checkpoint" and set(state) == set(exported)

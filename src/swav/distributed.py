@@ -8,6 +8,7 @@ no-op, so one-process training runs the same code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -374,7 +375,25 @@ def convert_sync_batchnorm(module: nn.Module, process_group, device_type: str) -
 
 
 def run_spawned(worker: Callable[..., None], nprocs: int, args: tuple) -> None:
-    """Start `nprocs` local workers and wait; the first one to fail takes the others down."""
+    """Start `nprocs` local workers and wait; the first one to fail takes the others down.
+
+    A SIGTERM to this launcher (`kill`, a job scheduler) is passed on to the workers, which then
+    save a checkpoint and exit, instead of leaving them orphaned.
+    """
+    import signal
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(worker, args=args, nprocs=nprocs, join=True, start_method="spawn")
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+    def forward(signum, frame) -> None:
+        for pid in context.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join():
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

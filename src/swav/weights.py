@@ -39,10 +39,9 @@ def load_file(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        raise ValueError(
-            f"{path}: .safetensors files need the `safetensors` package, which this install does not "
-            "include; export to .torch or .pth instead"
-        )
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -171,20 +170,21 @@ def export_trunk(checkpoint_path: str | Path, output_path: str | Path) -> dict:
     ``.torch`` / ``.pth`` / ``.pt`` (torch.save). The result loads into torchvision with
     ``m = torchvision.models.resnet50(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)``
     (for a trunk trained with ``SMALL_STEM`` the stem differs from torchvision's).
-    ``.safetensors`` is refused: the package is not a dependency.
+    ``.safetensors``: the same tensors in the safetensors format (no pickled code; loads with
+    ``safetensors.torch.load_file``).
     """
     output_path = Path(output_path).expanduser()
-    if output_path.suffix == ".safetensors":
-        raise ValueError(
-            f"{output_path}: .safetensors output needs the `safetensors` package, which this "
-            "install does not include; use a .torch or .pth file name"
-        )
-    if output_path.suffix not in (".torch", ".pth", ".pt"):
-        raise ValueError(f"{output_path}: use a .torch, .pth or .pt file name")
+    if output_path.suffix not in (".torch", ".pth", ".pt", ".safetensors"):
+        raise ValueError(f"{output_path}: use a .torch, .pth, .pt or .safetensors file name")
     state, fmt = trunk_state_dict(load_file(checkpoint_path))
     # contiguous + clone: no channels-last strides and no shared storage with the optimizer state.
     state = {k: v.detach().contiguous().clone() for k, v in sorted(state.items())}
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, output_path)
+    if output_path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(output_path))
+    else:
+        torch.save(state, output_path)
     logger.info("exported %d trunk tensors from %s (%s) to %s", len(state), checkpoint_path, fmt, output_path)
     return {"format": fmt, "tensors": len(state), "output": str(output_path)}
