@@ -506,3 +506,163 @@ def test_sampler_ranks_partition_the_data(drop_last):
     order.set_epoch(2)
     full = list(order)
     assert per_rank[1][:3] == full[1 : 1 + 3 * world : world]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: tensor colour ops, blur, torch resampling, JPEG draft decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_hue_rotation_equals_colorsys_in_float64():
+    import colorsys
+
+    from swav.data.transforms import adjust_hue
+
+    x = torch.rand(3, 6, 7, generator=torch.Generator().manual_seed(0))
+    x[:, 0, :3] = 0.4  # grey pixels keep their value
+    x[0, 1] = x[1, 1]  # ties between the largest channels
+    x[1, 2] = x[2, 2]
+    for shift in (0.3, -0.45, 0.5, 0.0, -0.07):
+        got = adjust_hue(x.clone(), shift)
+        ref = torch.tensor(
+            [
+                colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+                for h, s, v in (colorsys.rgb_to_hsv(*p) for p in x.reshape(3, -1).T.double().tolist())
+            ],
+            dtype=torch.float64,
+        ).T.reshape(3, 6, 7)
+        assert torch.allclose(got.double(), ref, atol=1e-5), shift
+
+
+def test_colour_ops_match_pil_within_rounding():
+    import torchvision.transforms.functional as TF
+
+    from swav.data.transforms import (
+        adjust_brightness,
+        adjust_contrast,
+        adjust_hue,
+        adjust_saturation,
+        to_float_tensor,
+        to_grayscale,
+    )
+
+    img = noise_image(1, size=(20, 24))
+    x = to_float_tensor(img)
+    cases = [
+        (adjust_brightness, TF.adjust_brightness, 1.5, 1),
+        (adjust_brightness, TF.adjust_brightness, 0.3, 1),
+        (adjust_contrast, TF.adjust_contrast, 0.4, 1),
+        (adjust_saturation, TF.adjust_saturation, 1.7, 2),
+        (adjust_hue, TF.adjust_hue, 0.3, 16),  # PIL rounds H, S and V to 8 bits on the way
+    ]
+    for ours, pil, factor, max_levels in cases:
+        diff = (ours(x.clone(), factor) - to_float_tensor(pil(img, factor))).abs() * 255
+        assert diff.max() <= max_levels and diff.mean() < 1.5, (ours.__name__, factor)
+    grey = (to_grayscale(x) - to_float_tensor(img.convert("L").convert("RGB"))).abs() * 255
+    assert grey.max() <= 0.5 + 1e-4
+
+
+def test_gaussian_blur_is_pils_filter():
+    from PIL import ImageFilter
+
+    from swav.data.transforms import gaussian_blur, gaussian_kernel, to_float_tensor
+
+    for sigma in (0.1, 0.3, 0.8, 1.0, 1.7, 2.0):
+        half = np.array(gaussian_kernel(sigma), dtype=np.float64)
+        taps = np.concatenate([half[:0:-1], half])
+        offsets = np.arange(len(taps)) - (len(taps) - 1) / 2
+        assert abs(taps.sum() - 1) < 1e-6  # blurring keeps the mean
+        assert abs((taps * offsets**2).sum() - sigma**2) < 0.01 * sigma**2 + 1e-4  # variance sigma^2
+
+    blocks = np.random.default_rng(2).integers(0, 256, (6, 5, 3))
+    img = Image.fromarray(np.kron(blocks, np.ones((4, 4, 1))).astype(np.uint8))  # 20 x 24 px
+    x = to_float_tensor(img)
+    for sigma in (0.3, 1.0, 2.0):
+        half = np.array(gaussian_kernel(sigma))
+        w = np.concatenate([half[:0:-1], half])
+        r = len(half) - 1
+        ref = np.pad(x.double().numpy(), ((0, 0), (r, r), (r, r)), mode="edge")
+        for axis in (2, 1):
+            ref = np.apply_along_axis(np.convolve, axis, ref, w, mode="valid")
+        got = gaussian_blur(x, sigma)
+        assert got.shape == x.shape and np.allclose(got.numpy(), ref, atol=1e-5)
+        # PIL rounds each of its six passes to 8 bits and pads each pass: a level or two apart.
+        diff = (got - to_float_tensor(img.filter(ImageFilter.GaussianBlur(sigma)))).abs() * 255
+        assert diff.mean() < 0.6 and diff.max() < 4, sigma
+    assert gaussian_blur(x, 0.0) is x
+
+
+def test_crops_resample_like_torchvisions_random_resized_crop():
+    # torchvision's RandomResizedCrop on a PIL image: crop the box, then resize it (bilinear,
+    # antialiased when shrinking). Scale 1 shrinks the centred box; scale 0.1 enlarges a small one.
+    from PIL import ImageFilter
+
+    from swav.data.transforms import random_resized_crop_box, to_float_tensor
+
+    img = noise_image(3, size=(40, 30)).filter(ImageFilter.SMOOTH)
+    for scale in (1.0, 0.1):
+        one = [{"name": "ImgPilToMultiCrop", "num_crops": [1], "size_crops": [12], "crop_scales": [[scale, scale]]}]
+        t = build_transforms(one + [{"name": "ToTensor"}])
+        g = torch.Generator().manual_seed(0)
+        u = torch.rand((1, t._num_random), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        left, top, w, h = random_resized_crop_box(40, 30, (scale, scale), u[0].tolist())
+        crop = t(img, g)[0]
+        pil = to_float_tensor(img.crop((left, top, left + w, top + h)).resize((12, 12), Image.Resampling.BILINEAR))
+        diff = (crop - pil).abs() * 255
+        assert diff.max() <= 1.0 + 1e-4 and diff.mean() < 0.25, scale
+
+
+def test_draft_scale_keeps_every_crop_at_least_at_its_output_size():
+    from swav.data.transforms import draft_scale
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        sizes = rng.integers(8, 64, rng.integers(1, 5)).tolist()
+        boxes = [(0, 0, int(rng.integers(4, 700)), int(rng.integers(4, 700))) for _ in sizes]
+        s = draft_scale(boxes, sizes)
+        assert s in (1, 2, 4, 8)
+        room = min(min(w, h) / size for (_, _, w, h), size in zip(boxes, sizes, strict=True))
+        assert s <= max(room, 1)  # never below a crop's output size ...
+        assert s == 8 or 2 * s > room  # ... and the largest scale that allows it
+    assert draft_scale([(0, 0, 100, 64)], [32]) == 2
+    assert draft_scale([(0, 0, 100, 64), (0, 0, 40, 40)], [32, 32]) == 1
+
+
+def _smooth_jpeg(path, size=(320, 256)):
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / 40.0
+    arr = np.stack([np.sin(xx) + np.cos(yy), np.sin(xx + yy), np.cos(xx * 0.7 - yy)], -1)
+    Image.fromarray(((arr + 2) * 60).astype(np.uint8)).save(path, quality=95)
+    return path
+
+
+def test_draft_decoding_is_used_and_close_to_full_decoding(tmp_path):
+    from swav.data.datasets import open_image
+    from swav.data.transforms import decode_for_crops
+
+    path = str(_smooth_jpeg(tmp_path / "big.jpg"))
+    # Every box keeps at least 0.5 of 256 px a side: 128 >= 4 x 24, so a draft at scale 4.
+    t = build_transforms(
+        specs(num_crops=(2, 2), size_crops=(24, 16), scales=((0.5, 1.0), (0.5, 0.6)), colour=False, blur=False)
+    )
+    img, scale = decode_for_crops(open_image(path), [(0, 0, 130, 128)], [24])
+    assert scale == 4.0 and img.size == (80, 64) and img.mode == "RGB"
+    drafted = t(open_image(path), torch.Generator().manual_seed(5))
+    full = Image.open(path).convert("RGB")  # already decoded: no draft possible
+    reference = t(full, torch.Generator().manual_seed(5))
+    for a, b in zip(drafted, reference, strict=True):
+        assert a.shape == b.shape
+        assert (_unnormalise(a) - _unnormalise(b)).abs().mean() * 255 < 3
+    # A crop box smaller than twice the output size: decoded at full size.
+    assert decode_for_crops(open_image(path), [(0, 0, 47, 200)], [24])[1] == 1.0
+
+
+def test_file_that_fails_only_while_decoding_is_replaced(tmp_path, caplog):
+    good = _smooth_jpeg(tmp_path / "a.jpg", size=(64, 48))
+    data = good.read_bytes()
+    (tmp_path / "b.jpg").write_bytes(data[: len(data) // 3])  # a valid header, truncated pixels
+    ds = MultiCropDataset(build_dataset(["disk_folder"], [str(tmp_path)]), build_transforms(specs()), seed=0)
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        crops, _, index, replaced = ds[1]
+    assert index == 1 and replaced and "b.jpg" in caplog.text
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
+    assert ds[0][3] is False

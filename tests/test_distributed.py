@@ -297,6 +297,21 @@ def test_torchrun_two_processes(tmp_path):
     assert "torchrun started 2 processes" in result.stdout + result.stderr
 
 
+def _start_until_checkpoint(args: list[str], run: Path) -> subprocess.Popen:
+    """`swav train ARGS` in the background, returned once its first checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.torch").exists():
+        if proc.poll() is not None:
+            pytest.fail(proc.communicate()[1][-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint after 120 s")
+        time.sleep(0.2)
+    return proc
+
+
 def _worker_pids(parent: int) -> list[int]:
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     workers = []
@@ -313,14 +328,8 @@ def test_a_killed_worker_ends_the_run_and_a_rerun_resumes(tmp_path):
     args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
             "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
             f"config.CHECKPOINT.DIR={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_until_checkpoint(args, run)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoint.torch").exists():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.2)
         workers = _worker_pids(proc.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
@@ -381,14 +390,8 @@ def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path)
     args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
             "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
             f"config.CHECKPOINT.DIR={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_until_checkpoint(args, run)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoint.torch").exists():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:

@@ -30,14 +30,6 @@ TINY = [  # quickstart's ResNet-18 (ImageNet stem), 32-px synthetic shapes
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with the 2 cores shared, OpenMP hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _args(tmp_path, *extra):
     return [*TINY, f"config.CHECKPOINT.DIR={tmp_path}", *extra]

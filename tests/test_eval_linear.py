@@ -9,15 +9,6 @@ import torch
 from swav.eval.linear import linear_lr_schedule, topk_accuracy, train_linear_on_features
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with the 2 cores shared, OpenMP hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_schedules_follow_a3_and_a5():
     cosine = linear_lr_schedule("cosine", 0.3, num_epochs=100, iters_per_epoch=5)
     assert len(cosine) == 500 and cosine[0] == pytest.approx(0.3) and cosine[-1] == pytest.approx(0.0)

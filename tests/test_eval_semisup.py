@@ -10,15 +10,6 @@ from torch import nn
 from swav.eval.semisup import Classifier, balanced_subset, finetune, subset_from_file
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with the 2 cores shared, OpenMP hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_balanced_subset_is_per_class_and_deterministic():
     labels = np.repeat(np.arange(10), 100)
     np.random.default_rng(3).shuffle(labels)

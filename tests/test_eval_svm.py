@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import average_precision_score
 
 from swav.eval.svm import (
@@ -16,15 +15,6 @@ from swav.eval.svm import (
     svm_scores,
     train_svms,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with the 2 cores shared, OpenMP hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_average_precision_by_hand_and_against_sklearn():

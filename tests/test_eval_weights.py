@@ -12,15 +12,6 @@ from swav.models import ResNet, SSLModel, SwAVHead
 from swav.weights import export_trunk, load_trunk_weights, trunk_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with the 2 cores shared, OpenMP hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomised(model: nn.Module, seed: int) -> nn.Module:
     """Random weights and BN statistics, so a wrong mapping cannot pass by accident."""
     g = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
+from test_sinkhorn import official_reference
 
 from swav.config import ConfigError, load_config
 from swav.data import build_transforms
@@ -25,17 +26,6 @@ from swav.train import (
     place_model,
     train_step,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions gain nothing from a second thread, and on a shared CPU the OpenMP
-    # threads of parallel test runs spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 BASE = "config=pretrain/swav/swav_8node_resnet"
 GROUP = "+config/pretrain/swav"
@@ -308,23 +298,12 @@ def test_epoch_schedules(epochs):
 # ------------------------------------------------------------------------------------ ablations
 
 
-def _codes_f64(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
-    """Sinkhorn-Knopp from the appendix A.1 formula, float64."""
-    q = torch.exp(scores.double() / eps).t()
-    q = q / q.sum()
-    k, b = q.shape
-    for _ in range(iters):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
-
-
 def _swav_loss_f64(scores, num_crops, iters=3, hard=False, eps=0.05, temperature=0.1):
     b = scores.shape[0] // num_crops
     crops = scores.double().view(num_crops, b, -1)
     total = 0.0
     for c in (0, 1):
-        q = _codes_f64(crops[c], eps, iters)
+        q = official_reference(crops[c], eps, iters)
         if hard:
             q = F.one_hot(q.argmax(dim=1), q.shape[1]).double()
         others = [v for v in range(num_crops) if v != c]

@@ -41,16 +41,6 @@ LINEAR = {"top1": 71.25, "top5": 97.5, "mode": "fast (precomputed features, no a
 SVM = {"mAP": 63.4, "low_shot": [{"k": 13, "mAP": 40.5}, {"k": 128, "mAP": 58.25}]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The box is shared: two intra-op threads fighting other jobs for two cores run this file
-    # about 4x slower than one thread (measured under load 8). Restored for the other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_thread) -> Path:
     path = tmp_path_factory.mktemp("run")

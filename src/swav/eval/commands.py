@@ -413,32 +413,30 @@ def _join_launcher_group(cfg: DictConfig) -> None:
     logger.info("extract: rank %d of %d", env.rank, env.world_size)
 
 
+def _evaluate(command: str, argv: list[str], description: str, run) -> int:
+    cfg = _config(command, argv, description)
+    write_results(cfg, command, run(cfg))
+    return 0
+
+
 def knn_main(argv: list[str]) -> int:
     """`swav knn`: weighted kNN (paper table 7) -> CHECKPOINT.DIR/knn.json."""
-    cfg = _config("knn", argv, "Weighted kNN of trunk features.")
-    write_results(cfg, "knn", run_knn(cfg))
-    return 0
+    return _evaluate("knn", argv, "Weighted kNN of trunk features.", run_knn)
 
 
 def linear_main(argv: list[str]) -> int:
     """`swav linear`: linear classifier on frozen features (A.3 / A.5) -> linear.json."""
-    cfg = _config("linear", argv, "Linear probe on the frozen trunk.")
-    write_results(cfg, "linear", run_linear(cfg))
-    return 0
+    return _evaluate("linear", argv, "Linear probe on the frozen trunk.", run_linear)
 
 
 def semisup_main(argv: list[str]) -> int:
     """`swav semisup`: fine-tuning on 1 % / 10 % of the labels (A.4) -> semisup.json."""
-    cfg = _config("semisup", argv, "Semi-supervised fine-tuning.")
-    write_results(cfg, "semisup", run_semisup(cfg))
-    return 0
+    return _evaluate("semisup", argv, "Semi-supervised fine-tuning.", run_semisup)
 
 
 def svm_main(argv: list[str]) -> int:
     """`swav svm`: per-class linear SVMs (A.5, VOC07) -> svm.json."""
-    cfg = _config("svm", argv, "Linear SVMs on frozen features.")
-    write_results(cfg, "svm", run_svm(cfg))
-    return 0
+    return _evaluate("svm", argv, "Linear SVMs on frozen features.", run_svm)
 
 
 def export_main(argv: list[str]) -> int:
