@@ -1,7 +1,9 @@
 """Image datasets: folders, file lists, their concatenation, and a wrapper that survives bad files.
 
 Every dataset maps ``dataset[i] -> (PIL RGB image, int label)`` (label -1 when unknown) and
-names its items with ``path(i)`` for messages. Problems with the data location itself (missing
+names its items with ``path(i)`` for messages. File-backed ones also have ``open(i)``: the same
+pair with the image opened but not decoded, so a transform can choose the decoding scale
+(JPEG draft mode); ``open_item`` falls back to ``dataset[i]`` for the others. Problems with the data location itself (missing
 folder, empty list) raise at construction, so nothing starts training on a typo.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,6 +32,18 @@ def load_rgb(path: str) -> Image.Image:
         img.load()
     # convert() copies even when the mode already matches: skip it for RGB files.
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image file, reading only its header; ``load()`` (or any pixel access) decodes it
+    and closes the file."""
+    return Image.open(path)
+
+
+def open_item(dataset, index: int) -> tuple[Image.Image, int]:
+    """``dataset.open(index)`` when the dataset has it, else ``dataset[index]``."""
+    opener = getattr(dataset, "open", None)
+    return opener(index) if opener is not None else dataset[index]
 
 
 def _check_dir(root: str) -> Path:
@@ -56,6 +71,10 @@ class _SampleList:
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         return load_rgb(path), label
+
+    def open(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return open_image(path), label
 
 
 class ImageFolderDataset(_SampleList):
@@ -184,6 +203,10 @@ class ConcatImageDataset:
         d, j = self._locate(index)
         return d[j]
 
+    def open(self, index: int):
+        d, j = self._locate(index)
+        return open_item(d, j)
+
 
 class LimitedDataset:
     """The first ``limit`` items of a dataset (``DATA_LIMIT``)."""
@@ -202,6 +225,11 @@ class LimitedDataset:
         if not 0 <= index < self.limit:
             raise IndexError(f"index {index} out of range for {self.limit} images")
         return self.dataset[index]
+
+    def open(self, index: int):
+        if not 0 <= index < self.limit:
+            raise IndexError(f"index {index} out of range for {self.limit} images")
+        return open_item(self.dataset, index)
 
 
 class RobustDataset:
@@ -225,6 +253,12 @@ class RobustDataset:
         return self.dataset.path(index)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int, bool]:
+        return self.load(index)
+
+    def load(self, index: int, transform: Callable[[Image.Image], Any] | None = None) -> tuple[Any, int, bool]:
+        """``(transform(image), label, replaced)``. With a transform the image comes from
+        ``open_item`` (maybe not decoded yet) and the transform runs inside the bad-file handling,
+        so a file that only fails while being decoded there is replaced too."""
         n = len(self.dataset)
         if not -n <= index < n:  # before the try: a bad index is a bug, not a bad file
             raise IndexError(f"index {index} out of range for {n} images")
@@ -233,7 +267,11 @@ class RobustDataset:
         for k in range(tries):
             j = (index + k) % n
             try:
-                img, label = self.dataset[j]
+                if transform is None:
+                    out, label = self.dataset[j]
+                else:
+                    img, label = open_item(self.dataset, j)
+                    out = transform(img)
             except (
                 Exception
             ) as e:  # any decoder error: PIL raises OSError, ValueError, SyntaxError...
@@ -244,7 +282,7 @@ class RobustDataset:
                     e,
                 )
                 continue
-            return img, label, k > 0
+            return out, label, k > 0
         raise RuntimeError(
             f"{tries} consecutive images could not be read, from {self.dataset.path(index)}; "
             "the data is probably broken (see the warnings above for the reasons)"

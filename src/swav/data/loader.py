@@ -66,10 +66,18 @@ class MultiCropDataset:
 
     def __getitem__(self, index: int) -> tuple[list[Tensor], int, int, bool]:
         index = int(index)
-        img, label, replaced = self.base[index]
-        generator = torch.Generator()
-        generator.manual_seed(mix_seed(self.seed, _AUGMENT_STREAM, self.epoch, index))
-        return self.transform(img, generator), label, index, replaced
+        seed = mix_seed(self.seed, _AUGMENT_STREAM, self.epoch, index)
+
+        def augment(img) -> list[Tensor]:
+            # A fresh generator per attempt: a replacement image gets this index's crops too.
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            return self.transform(img, generator)
+
+        # The transform decodes the file itself (at the scale its crops need), inside the
+        # bad-file handling.
+        crops, label, replaced = self.base.load(index, augment)
+        return crops, label, index, replaced
 
 
 class ResumableSampler(Sampler[int]):

@@ -1,0 +1,304 @@
+"""Training throughput of our SwAV step against a plain-PyTorch loop built from lightly's modules.
+
+Images per second of one training iteration (forward of every crop, Sinkhorn and loss, backward,
+optimizer step) on in-memory random crops: no data loading. Every setting is built once, warmed
+up, then timed in interleaved rounds (A B C D A B C D ...) so that load from other processes hits
+all alike; each round times ``--steps`` iterations, and the median and range over ``--rounds``
+rounds are reported. Peak memory: the peak resident set size (VmHWM of /proc/self/status; Linux)
+of a fresh process that builds the setting and runs 3 iterations, minus its resident size just
+before building (after the imports): what the setting adds, activations and optimizer state included.
+
+Settings (same trunk, crops, batch and number of prototypes on both sides):
+- ``ours-default``: ``swav.train.train_step`` with the config exactly as shipped.
+- ``ours-best``: the same plus the levers that paid on this machine (``--best``).
+- ``peer-default``: lightly's SwaVProjectionHead + SwaVPrototypes + SwaVLoss around our trunk, each
+  crop forwarded separately and float32, Adam (lr 1e-3), as lightly's examples do.
+- ``peer-best``: the same with bfloat16 autocast and channels-last.
+lightly lives only in the benchmark environment (/work/benchenv), never in the package:
+
+    /work/benchenv/bin/python benchmarks/train_throughput.py                       # shipped CIFAR config
+    /work/benchenv/bin/python benchmarks/train_throughput.py --crops 2x32+4x16 --batch 128 \\
+        --prototypes 3000 config.MODEL.TRUNK.RESNETS.SMALL_STEM=true               # DESIGN's peer setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+DEFAULT_CONFIG = "config=pretrain/swav/swav_cifar10_resnet18"
+BEST_CHOICES = ("compile", "fused-sgd")
+
+
+def parse_crops(text: str) -> list[tuple[int, int]]:
+    """'2x32+4x16' -> [(2, 32), (4, 16)]."""
+    return [tuple(int(v) for v in part.split("x")) for part in text.split("+")]  # type: ignore[misc]
+
+
+def config_overrides(args) -> list[str]:
+    crops = parse_crops(args.crops)
+    scales = [[0.14, 1.0]] + [[0.05, 0.14]] * (len(crops) - 1)
+    spec = (
+        f"{{name: ImgPilToMultiCrop, total_num_crops: {sum(n for n, _ in crops)}, "
+        f"num_crops: {[n for n, _ in crops]}, size_crops: {[s for _, s in crops]}, crop_scales: {scales}}}"
+    )
+    out = [args.config, *args.overrides, f"config.DATA.TRAIN.TRANSFORMS=[{spec}, {{name: ToTensor}}]"]
+    if args.batch:
+        out.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={args.batch}")
+    if args.prototypes:
+        from swav.config import load_config
+
+        name, head = load_config(out).MODEL.HEAD.PARAMS[0]
+        dims, use_bn = list(head["dims"]), str(head.get("use_bn", True)).lower()
+        out.append(f'config.MODEL.HEAD.PARAMS=[["{name}", {{"dims": {dims}, "use_bn": {use_bn}, '
+                   f'"num_clusters": [{args.prototypes}]}}]]')
+    return out
+
+
+def random_crops(cfg) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    spec = cfg.DATA.TRAIN.TRANSFORMS[0]
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    return [
+        torch.randn(batch, 3, size, size, generator=g)
+        for n, size in zip(spec.num_crops, spec.size_crops, strict=True)
+        for _ in range(n)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours
+# ----------------------------------------------------------------------------------------------
+
+
+def build_ours(overrides: list[str], levers: tuple[str, ...] = ()):
+    from swav.config import load_config
+    from swav.models import build_model
+    from swav.train import (
+        StepContext,
+        autocast_context,
+        build_loss,
+        build_optimizer,
+        frozen_parameters,
+        train_step,
+    )
+
+    cfg = load_config(overrides)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if cfg.MODEL.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    if "fused-sgd" in levers:
+        # train.build_optimizer with fused=True (one kernel over all parameters on the CPU too).
+        o = cfg.OPTIMIZER
+        optimizer = torch.optim.SGD(optimizer.param_groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                                    weight_decay=o.weight_decay, fused=True)
+    if "compile" in levers:
+        model.trunk = torch.compile(model.trunk)
+    ctx = StepContext(
+        model=model, loss_fn=build_loss(cfg), optimizer=optimizer, scaler=None,
+        frozen=frozen_parameters(model, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
+        autocast=autocast_context(cfg, device), device=device, channels_last=cfg.MODEL.CHANNELS_LAST,
+        normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
+    )
+    crops = random_crops(cfg)
+    state = {"iteration": 0}
+
+    def step() -> float:
+        # Past the prototype-freezing iterations, as most of a run is.
+        loss = train_step(ctx, crops, 10_000 + state["iteration"], 0.01)
+        state["iteration"] += 1
+        return float(loss)  # waits for the step (on a GPU too)
+
+    return step, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The peer: a plain PyTorch loop from lightly's modules, as its examples write it
+# ----------------------------------------------------------------------------------------------
+
+
+def build_peer(overrides: list[str], best: bool):
+    from lightly.loss import SwaVLoss
+    from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+
+    from swav.config import load_config
+    from swav.models import build_model
+
+    cfg = load_config(overrides)
+    torch.manual_seed(0)
+    head = cfg.MODEL.HEAD.PARAMS[0][1]
+    in_dim, hidden, out_dim = (int(d) for d in head["dims"])
+
+    class PeerSwaV(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = build_model(cfg).trunk  # the same trunk as ours
+            self.projection_head = SwaVProjectionHead(in_dim, hidden, out_dim)
+            self.prototypes = SwaVPrototypes(out_dim, n_prototypes=int(head["num_clusters"][0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.backbone(x).flatten(start_dim=1)
+            x = nn.functional.normalize(self.projection_head(x), dim=1, p=2)
+            return self.prototypes(x)
+
+    model = PeerSwaV()
+    memory_format = torch.channels_last if best else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    criterion = SwaVLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crops = [c.to(memory_format=memory_format) for c in random_crops(cfg)]
+    spec = cfg.DATA.TRAIN.TRANSFORMS[0]
+    n_high = int(spec.num_crops[0])
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if best else contextlib.nullcontext
+
+    def step() -> float:
+        model.prototypes.normalize()
+        with autocast():
+            high = [model(c) for c in crops[:n_high]]
+            low = [model(c) for c in crops[n_high:]]
+        loss = criterion(high, low)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return float(loss.detach())
+
+    return step, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build(setting: str, overrides: list[str], best_levers: tuple[str, ...]):
+    if setting == "ours-default":
+        return build_ours(overrides)
+    if setting == "ours-best":
+        return build_ours(overrides, best_levers)
+    if setting.startswith("ours+"):  # a single lever, for the lever table
+        return build_ours(overrides, tuple(setting.split("+")[1:]))
+    if setting in ("peer-default", "peer-best"):
+        return build_peer(overrides, best=setting == "peer-best")
+    raise ValueError(f"unknown setting {setting}")
+
+
+def peak_memory_mib(setting: str) -> float:
+    """Peak RSS growth of a fresh process (this script, ``--memory-of``) that builds ``setting``
+    and runs 3 iterations."""
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory-of", setting]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _status_kib(field: str) -> int:
+    # VmHWM, not getrusage's ru_maxrss: the latter survives fork + exec, so a child would report
+    # its parent's peak.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_memory(setting: str, overrides: list[str], best_levers: tuple[str, ...]) -> None:
+    before = _status_kib("VmRSS")
+    step, _ = build(setting, overrides, best_levers)
+    for _ in range(3):
+        step()
+    print(json.dumps((_status_kib("VmHWM") - before) / 1024))  # KiB -> MiB
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides (after the config)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--crops", default="2x32", help="crop groups, large first: 2x32 or 2x32+4x16")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (0: the config's)")
+    parser.add_argument("--prototypes", type=int, default=0, help="number of prototypes (0: the config's)")
+    parser.add_argument("--settings", default="ours-default,ours-best,peer-default,peer-best")
+    parser.add_argument("--best", default="fused-sgd", help=f"levers of ours-best, comma-separated: {BEST_CHOICES}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per setting")
+    parser.add_argument("--steps", type=int, default=3, help="iterations per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the peak-memory subprocess
+    args = parser.parse_args()
+    best = tuple(x for x in args.best.split(",") if x)
+    unknown = set(best) - set(BEST_CHOICES)
+    if unknown:
+        parser.error(f"unknown --best levers {sorted(unknown)}; choose from {BEST_CHOICES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = config_overrides(args)
+    if args.memory_of:
+        _measure_memory(args.memory_of, overrides, best)
+        return
+    settings = args.settings.split(",")
+
+    steps, build_s, warm_s = {}, {}, {}
+    cfg = None
+    for name in settings:
+        t0 = time.perf_counter()
+        steps[name], cfg = build(name, overrides, best)
+        t1 = time.perf_counter()
+        for _ in range(args.warmup):  # includes torch.compile's compilation, if any
+            steps[name]()
+        build_s[name], warm_s[name] = t1 - t0, time.perf_counter() - t1
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    spec = cfg.DATA.TRAIN.TRANSFORMS[0]
+    print(f"# {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{' '.join(overrides[:1] + list(args.overrides))}; trunk resnet{cfg.MODEL.TRUNK.RESNETS.DEPTH} "
+          f"small_stem={cfg.MODEL.TRUNK.RESNETS.SMALL_STEM}; crops {list(spec.num_crops)} x {list(spec.size_crops)} px; "
+          f"batch {batch}; prototypes {cfg.MODEL.HEAD.PARAMS[0][1]['num_clusters']}; ours amp={cfg.MODEL.AMP_PARAMS.USE_AMP} "
+          f"channels_last={cfg.MODEL.CHANNELS_LAST}; ours-best levers: {','.join(best) or 'none'}")
+    print(f"# {args.warmup} warm-up iterations, then {args.rounds} interleaved rounds of {args.steps} iterations; {load()}")
+
+    rates = {name: [] for name in settings}
+    cpu_rates = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name in settings:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                steps[name]()
+            rates[name].append(args.steps * batch / (time.perf_counter() - t0))
+            cpu_rates[name].append(args.steps * batch / (time.process_time() - c0))
+    end_load = load()
+    memory = {}
+    if not args.no_memory:
+        for name in settings:
+            memory[name] = peak_memory_mib(name)
+
+    # img per CPU-second: what the setting costs, less sensitive to other processes than wall time
+    print(f"{'setting':14s} {'median img/s':>12s} {'min':>7s} {'max':>7s} {'img/CPU-s':>10s} {'peak MiB':>9s} {'warm-up s':>10s}")
+    for name in settings:
+        r = rates[name]
+        mem = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9s}"
+        print(f"{name:14s} {statistics.median(r):12.1f} {min(r):7.1f} {max(r):7.1f} "
+              f"{statistics.median(cpu_rates[name]):10.1f} {mem} {warm_s[name]:10.1f}")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    for ours, peer, target in (("ours-default", "peer-default", 3.0), ("ours-best", "peer-best", 1.25)):
+        if ours in med and peer in med:
+            print(f"{ours} / {peer}: {med[ours] / med[peer]:.2f}x img/s, {cpu[ours] / cpu[peer]:.2f}x img/CPU-s "
+                  f"(target >= {target}x)")
+    print(f"# {end_load}")
+
+
+if __name__ == "__main__":
+    main()
