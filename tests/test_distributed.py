@@ -297,6 +297,13 @@ def test_torchrun_two_processes(tmp_path):
     assert "torchrun started 2 processes" in result.stdout + result.stderr
 
 
+def _two_processes_64_iterations(run: Path) -> list[str]:
+    """Long enough to be interrupted: 2 epochs of 32 iterations, a checkpoint every 2."""
+    return [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
+            f"config.CHECKPOINT.DIR={run}"]
+
+
 def _start_until_checkpoint(args: list[str], run: Path) -> subprocess.Popen:
     """`swav train ARGS` in the background, returned once its first checkpoint exists."""
     proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
@@ -325,9 +332,7 @@ def _worker_pids(parent: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the workers")
 def test_a_killed_worker_ends_the_run_and_a_rerun_resumes(tmp_path):
     run = tmp_path / "run"
-    args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
-            f"config.CHECKPOINT.DIR={run}"]
+    args = _two_processes_64_iterations(run)
     proc = _start_until_checkpoint(args, run)
     try:
         workers = _worker_pids(proc.pid)
@@ -387,9 +392,7 @@ def test_launcher_world_size_wins_over_the_config():
 
 def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=512", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
-            f"config.CHECKPOINT.DIR={run}"]
+    args = _two_processes_64_iterations(run)
     proc = _start_until_checkpoint(args, run)
     try:
         proc.send_signal(signal.SIGTERM)
