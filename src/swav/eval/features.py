@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -15,6 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from swav import distributed
+from swav.eval.knn import extract_features
 from swav.models.resnet import STAGE_NAMES
 
 logger = logging.getLogger("swav")
@@ -75,12 +76,6 @@ class Transformed(Dataset):
         return self.transform(image), int(label), index
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def extract_dataset(
     model: nn.Module,
@@ -98,36 +93,23 @@ def extract_dataset(
     gathers and reorders them; other ranks return None. The model runs in eval mode (BN
     statistics frozen) and its mode is restored afterwards.
     """
-    rank, world = _rank_world()
-    device = torch.device(device)
+    rank, world = distributed.rank(), distributed.world_size()
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(
         Transformed(dataset, transform, indices),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
     )
-    was_training = model.training
-    model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    feats, labels, order = [], [], []
-    try:
-        for images, targets, idx in tqdm(loader, desc=desc, disable=None if rank == 0 else True,
-                                         leave=False, file=sys.stderr, dynamic_ncols=True):
-            with autocast:
-                out = model(images.to(device, non_blocking=True))
-            feats.append(out.float().flatten(1).cpu())
-            labels.append(targets)
-            order.append(idx)
-    finally:
-        model.train(was_training)
-    width = feats[0].shape[1] if feats else 0
-    local = (
-        torch.cat(feats) if feats else torch.zeros(0, width),
-        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-        torch.cat(order) if order else torch.zeros(0, dtype=torch.long),
-    )
+    if indices:
+        progress = tqdm(loader, desc=desc, disable=None if rank == 0 else True, leave=False, file=sys.stderr,
+                        dynamic_ncols=True)
+        features, targets = extract_features(model, progress, device=device, normalize=False, amp=amp)
+    else:  # more processes than images
+        features, targets = torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    # The loader is not shuffled: this rank's rows are its `indices`, in order.
+    local = (features, targets, torch.tensor(indices, dtype=torch.long))
     if world == 1:
         features, targets, _ = local
         return features, targets.long()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,19 +157,6 @@ class EvalTransform:
         return self.to_tensor(image)
 
 
-class _Transformed(Dataset):
-    def __init__(self, dataset, transform) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.dataset[index][:2]
-        return self.transform(image), int(label)
-
-
 def evaluate_knn(
     trunk: nn.Module,
     train_dataset,
@@ -191,10 +178,11 @@ def evaluate_knn(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     transform = EvalTransform(image_size)
+    from swav.eval.features import Transformed  # features.py builds on this module
 
     def features(dataset) -> tuple[Tensor, Tensor]:
         loader = DataLoader(
-            _Transformed(dataset, transform),
+            Transformed(dataset, transform),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
