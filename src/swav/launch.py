@@ -54,9 +54,9 @@ def config_for_launcher(overrides: list[str], env: DistEnv) -> DictConfig:
     return cfg
 
 
-def run_worker(cfg: DictConfig, env: DistEnv, on_summary: Callable[[dict], None] | None = None) -> dict:
-    """Join the process group, train, leave. Every process of a run calls this."""
-    from swav.train import select_device, train
+def join(cfg: DictConfig, env: DistEnv) -> torch.device:
+    """This process's device and CPU threads, then its process group (none for one process)."""
+    from swav.train import select_device
 
     if torch.cuda.is_available() and cfg.MACHINE.DEVICE in ("auto", "cuda", "gpu"):
         torch.cuda.set_device(env.local_rank)
@@ -64,6 +64,14 @@ def run_worker(cfg: DictConfig, env: DistEnv, on_summary: Callable[[dict], None]
     if device.type == "cpu" and env.local_world_size > 1:
         torch.set_num_threads(distributed.cpu_threads_per_process(env.local_world_size))
     distributed.init_distributed(env, distributed.backend_for(cfg, device.type))
+    return device
+
+
+def run_worker(cfg: DictConfig, env: DistEnv, on_summary: Callable[[dict], None] | None = None) -> dict:
+    """Join the process group, train, leave. Every process of a run calls this."""
+    from swav.train import train
+
+    join(cfg, env)
     try:
         summary = train(cfg)
         if on_summary is not None and env.rank == 0:

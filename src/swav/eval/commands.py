@@ -402,14 +402,12 @@ def _join_launcher_group(cfg: DictConfig) -> None:
     import os
 
     from swav import distributed
+    from swav.launch import join
 
     env = distributed.launch_plan(cfg, os.environ)
     if env is None or env.world_size == 1:
         return
-    device = _device(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-    distributed.init_distributed(env, distributed.backend_for(cfg, device.type))
+    join(cfg, env)
     logger.info("extract: rank %d of %d", env.rank, env.world_size)
 
 
@@ -446,7 +444,7 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="swav export",
         description="Write the trunk of a checkpoint (ours, official SwAV, VISSL, torchvision) as a plain "
-        "state dict with torchvision ResNet names (.torch / .pth / .pt).",
+        "state dict with torchvision ResNet names (.torch / .pth / .pt / .safetensors).",
     )
     parser.add_argument("checkpoint", help="e.g. checkpoints/quickstart/model_final_checkpoint.torch")
     parser.add_argument("output", help="e.g. trunk.pth")
