@@ -8,8 +8,12 @@ rounds are reported. Peak memory: the peak resident set size (VmHWM of /proc/sel
 of a fresh process that builds the setting and runs 3 iterations, minus its resident size just
 before building (after the imports): what the setting adds, activations and optimizer state included.
 
-Settings (same trunk, crops, batch and number of prototypes on both sides):
-- ``ours-default``: ``swav.train.train_step`` with the config exactly as shipped.
+Settings (same trunk, crops, global batch and number of prototypes on both sides):
+- ``ours-default``: ``swav.train.train_step`` with the config exactly as shipped. When the config
+  trains with several processes (``DISTRIBUTED.NUM_PROC_PER_NODE``, 2 in the CPU CIFAR recipe),
+  they are spawned as training spawns them (gloo, DistributedDataParallel, cores split between
+  them) and each timed iteration is one step of every process on its share of the batch.
+- ``ours-1proc``: the same in one process with the whole batch and torch's threads.
 - ``ours-best``: the same plus the levers that paid on this machine (``--best``).
 - ``peer-default``: lightly's SwaVProjectionHead + SwaVPrototypes + SwaVLoss around our trunk, each
   crop forwarded separately and float32, Adam (lr 1e-3), as lightly's examples do.
@@ -45,6 +49,16 @@ def parse_crops(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in text.split("+")]  # type: ignore[misc]
 
 
+def num_procs(overrides: list[str]) -> int:
+    from swav.config import load_config
+
+    return int(load_config(overrides).DISTRIBUTED.NUM_PROC_PER_NODE)
+
+
+def global_batch(cfg) -> int:
+    return int(cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA) * int(cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+
+
 def config_overrides(args) -> list[str]:
     crops = parse_crops(args.crops)
     scales = [[0.14, 1.0]] + [[0.05, 0.14]] * (len(crops) - 1)
@@ -53,8 +67,8 @@ def config_overrides(args) -> list[str]:
         f"num_crops: {[n for n, _ in crops]}, size_crops: {[s for _, s in crops]}, crop_scales: {scales}}}"
     )
     out = [args.config, *args.overrides, f"config.DATA.TRAIN.TRANSFORMS=[{spec}, {{name: ToTensor}}]"]
-    if args.batch:
-        out.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={args.batch}")
+    if args.batch:  # the global batch, shared by the training processes
+        out.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={args.batch // num_procs(out)}")
     if args.prototypes:
         from swav.config import load_config
 
@@ -65,10 +79,9 @@ def config_overrides(args) -> list[str]:
     return out
 
 
-def random_crops(cfg) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+def random_crops(cfg, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
-    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     return [
         torch.randn(batch, 3, size, size, generator=g)
         for n, size in zip(spec.num_crops, spec.size_crops, strict=True)
@@ -81,8 +94,28 @@ def random_crops(cfg) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
+def one_process(overrides: list[str]) -> list[str]:
+    """The config's global batch in a single process."""
+    from swav.config import load_config
+
+    cfg = load_config(overrides)
+    return [*overrides, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1",
+            f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={global_batch(cfg)}"]
+
+
 def build_ours(overrides: list[str], levers: tuple[str, ...] = ()):
     from swav.config import load_config
+
+    cfg = load_config(overrides)
+    if cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1:
+        return build_ours_processes(overrides, levers), cfg
+    return build_ours_step(cfg, levers), cfg
+
+
+def build_ours_step(cfg, levers: tuple[str, ...] = (), rank: int = 0):
+    """One process's training step on its share of the batch (DDP-wrapped when a group exists)."""
+    import torch.distributed as dist
+
     from swav.models import build_model
     from swav.train import (
         StepContext,
@@ -90,30 +123,32 @@ def build_ours(overrides: list[str], levers: tuple[str, ...] = ()):
         build_loss,
         build_optimizer,
         frozen_parameters,
+        place_model,
         train_step,
+        wrap_distributed,
     )
 
-    cfg = load_config(overrides)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(cfg)
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    model = place_model(cfg, build_model(cfg), device)
+    core = model
+    if dist.is_initialized():
+        model = wrap_distributed(cfg, model, device)
+    optimizer = build_optimizer(cfg, core)
     if "fused-sgd" in levers:
         # train.build_optimizer with fused=True (one kernel over all parameters on the CPU too).
         o = cfg.OPTIMIZER
         optimizer = torch.optim.SGD(optimizer.param_groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
                                     weight_decay=o.weight_decay, fused=True)
     if "compile" in levers:
-        model.trunk = torch.compile(model.trunk)
+        core.trunk = torch.compile(core.trunk)
     ctx = StepContext(
         model=model, loss_fn=build_loss(cfg), optimizer=optimizer, scaler=None,
-        frozen=frozen_parameters(model, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
+        frozen=frozen_parameters(core, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
         autocast=autocast_context(cfg, device), device=device, channels_last=cfg.MODEL.CHANNELS_LAST,
         normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
     )
-    crops = random_crops(cfg)
+    crops = random_crops(cfg, cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA, seed=rank)
     state = {"iteration": 0}
 
     def step() -> float:
@@ -122,7 +157,68 @@ def build_ours(overrides: list[str], levers: tuple[str, ...] = ()):
         state["iteration"] += 1
         return float(loss)  # waits for the step (on a GPU too)
 
-    return step, cfg
+    return step
+
+
+def _process_worker(rank: int, world: int, port: int, overrides: list[str], levers: tuple[str, ...], conn) -> None:
+    """A training process of ``build_ours_processes``: steps on request, answers when done."""
+    import torch.distributed as dist
+
+    from swav.config import load_config
+    from swav.distributed import cpu_threads_per_process
+
+    torch.set_num_threads(cpu_threads_per_process(world))  # as `swav train` splits the cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    before = _status_kib("VmRSS")
+    step = build_ours_step(load_config(overrides), levers, rank)
+    conn.send("ready")
+    while (n := conn.recv()) is not None:
+        for _ in range(n):
+            step()
+        conn.send((_status_kib("VmHWM") - before) / 1024)
+    dist.destroy_process_group()
+
+
+def build_ours_processes(overrides: list[str], levers: tuple[str, ...]):
+    """The config's processes, spawned; ``step()`` runs one iteration in all of them."""
+    import atexit
+    import multiprocessing
+    import socket
+
+    from swav.config import load_config
+
+    world = int(load_config(overrides).DISTRIBUTED.NUM_PROC_PER_NODE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    conns, procs = [], []
+    for rank in range(world):
+        parent, child = context.Pipe()
+        proc = context.Process(target=_process_worker, args=(rank, world, port, overrides, levers, child), daemon=True)
+        proc.start()
+        conns.append(parent)
+        procs.append(proc)
+    for conn in conns:
+        conn.recv()
+
+    def stop() -> None:
+        for conn in conns:
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=30)
+
+    atexit.register(stop)
+    state = {"peak_mib": 0.0}
+
+    def step() -> float:
+        for conn in conns:
+            conn.send(1)
+        state["peak_mib"] = sum(conn.recv() for conn in conns)  # every process done
+        return state["peak_mib"]
+
+    step.peak_mib = lambda: state["peak_mib"]  # type: ignore[attr-defined]
+    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +251,12 @@ def build_peer(overrides: list[str], best: bool):
             return self.prototypes(x)
 
     model = PeerSwaV()
+    batch = global_batch(cfg)
     memory_format = torch.channels_last if best else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     criterion = SwaVLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    crops = [c.to(memory_format=memory_format) for c in random_crops(cfg)]
+    crops = [c.to(memory_format=memory_format) for c in random_crops(cfg, batch)]
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
     n_high = int(spec.num_crops[0])
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if best else contextlib.nullcontext
@@ -186,6 +283,8 @@ def build(setting: str, overrides: list[str], best_levers: tuple[str, ...]):
         return build_ours(overrides)
     if setting == "ours-best":
         return build_ours(overrides, best_levers)
+    if setting == "ours-1proc":
+        return build_ours(one_process(overrides))
     if setting.startswith("ours+"):  # a single lever, for the lever table
         return build_ours(overrides, tuple(setting.split("+")[1:]))
     if setting in ("peer-default", "peer-best"):
@@ -216,6 +315,9 @@ def _measure_memory(setting: str, overrides: list[str], best_levers: tuple[str, 
     step, _ = build(setting, overrides, best_levers)
     for _ in range(3):
         step()
+    if hasattr(step, "peak_mib"):  # spawned training processes: the sum of theirs
+        print(json.dumps(step.peak_mib()))
+        return
     print(json.dumps((_status_kib("VmHWM") - before) / 1024))  # KiB -> MiB
 
 
@@ -228,14 +330,16 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (after the config)")
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--crops", default="2x32", help="crop groups, large first: 2x32 or 2x32+4x16")
-    parser.add_argument("--batch", type=int, default=0, help="batch size (0: the config's)")
+    parser.add_argument("--batch", type=int, default=0, help="global batch size (0: the config's)")
     parser.add_argument("--prototypes", type=int, default=0, help="number of prototypes (0: the config's)")
     parser.add_argument("--settings", default="ours-default,ours-best,peer-default,peer-best")
     parser.add_argument("--best", default="fused-sgd", help=f"levers of ours-best, comma-separated: {BEST_CHOICES}")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per setting")
     parser.add_argument("--steps", type=int, default=3, help="iterations per timed round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of this process (0: torch's default, one per core); spawned training "
+                             "processes split the cores as `swav train` does")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the peak-memory subprocess
     args = parser.parse_args()
@@ -260,12 +364,12 @@ def main() -> None:
         for _ in range(args.warmup):  # includes torch.compile's compilation, if any
             steps[name]()
         build_s[name], warm_s[name] = t1 - t0, time.perf_counter() - t1
-    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    batch = global_batch(cfg)
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
     print(f"# {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join(overrides[:1] + list(args.overrides))}; trunk resnet{cfg.MODEL.TRUNK.RESNETS.DEPTH} "
           f"small_stem={cfg.MODEL.TRUNK.RESNETS.SMALL_STEM}; crops {list(spec.num_crops)} x {list(spec.size_crops)} px; "
-          f"batch {batch}; prototypes {cfg.MODEL.HEAD.PARAMS[0][1]['num_clusters']}; ours amp={cfg.MODEL.AMP_PARAMS.USE_AMP} "
+          f"batch {batch} ({cfg.DISTRIBUTED.NUM_PROC_PER_NODE} processes for ours); prototypes {cfg.MODEL.HEAD.PARAMS[0][1]['num_clusters']}; ours amp={cfg.MODEL.AMP_PARAMS.USE_AMP} "
           f"channels_last={cfg.MODEL.CHANNELS_LAST}; ours-best levers: {','.join(best) or 'none'}")
     print(f"# {args.warmup} warm-up iterations, then {args.rounds} interleaved rounds of {args.steps} iterations; {load()}")
 
@@ -289,14 +393,16 @@ def main() -> None:
     for name in settings:
         r = rates[name]
         mem = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9s}"
+        # spawned processes: this process only waits, its CPU time says nothing
+        cpu_rate = "-" if hasattr(steps[name], "peak_mib") else f"{statistics.median(cpu_rates[name]):.1f}"
         print(f"{name:14s} {statistics.median(r):12.1f} {min(r):7.1f} {max(r):7.1f} "
-              f"{statistics.median(cpu_rates[name]):10.1f} {mem} {warm_s[name]:10.1f}")
+              f"{cpu_rate:>10s} {mem} {warm_s[name]:10.1f}")
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
     for ours, peer, target in (("ours-default", "peer-default", 3.0), ("ours-best", "peer-best", 1.25)):
         if ours in med and peer in med:
-            print(f"{ours} / {peer}: {med[ours] / med[peer]:.2f}x img/s, {cpu[ours] / cpu[peer]:.2f}x img/CPU-s "
-                  f"(target >= {target}x)")
+            cpu_ratio = "" if hasattr(steps[ours], "peak_mib") else f", {cpu[ours] / cpu[peer]:.2f}x img/CPU-s"
+            print(f"{ours} / {peer}: {med[ours] / med[peer]:.2f}x img/s{cpu_ratio} (target >= {target}x)")
     print(f"# {end_load}")
 
 

@@ -201,3 +201,20 @@ def test_knn_monitor_scores_trained_and_random_trunks(tmp_path, capsys):
     assert results["k"] == 5 and results["epoch"] == 1
     for name in ("trained", "random_init"):
         assert 0.0 <= results[name]["top1"] <= results[name]["top5"] <= 100.0
+
+
+def test_knn_history_plots_against_training_time_across_a_resume(tmp_path):
+    # Monitored every epoch: knn.json keeps every result with the training seconds (evaluations
+    # excluded) it took to get there; a resumed run continues both the history and the clock.
+    args = ["train", *TINY, f"config.CHECKPOINT.DIR={tmp_path}", "config.KNN_MONITOR.ENABLED=true",
+            "config.KNN_MONITOR.EPOCH_FREQUENCY=1", "config.DATA.SYNTHETIC.NUM_IMAGES_TEST=20", "config.KNN_MONITOR.K=5"]
+    assert main([*args, "config.OPTIMIZER.num_epochs=2"]) == 0
+    assert main([*args, "config.OPTIMIZER.num_epochs=3"]) == 0
+    history = json.loads((tmp_path / "knn.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    seconds = [h["train_seconds"] for h in history]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["train_seconds"] >= seconds[1]  # the clock went on from the checkpoint
+    # the clock does not count evaluation time: training seconds stay below the wall time
+    assert steps[-1]["train_seconds"] < steps[-1]["time"] - steps[0]["time"] + seconds[0] + 1

@@ -60,11 +60,13 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def log_step(self, *, iteration: int, epoch: int, loss: float, lr: float, images_per_sec: float,
-                 eta_seconds: float, quiet: bool = False) -> None:
+                 eta_seconds: float, train_seconds: float | None = None, quiet: bool = False) -> None:
         if not self.enabled:
             return
         row = {"iteration": iteration, "epoch": epoch, "loss": loss, "lr": lr,
                "images_per_sec": images_per_sec, "time": time.time()}
+        if train_seconds is not None:
+            row["train_seconds"] = round(train_seconds, 2)  # without kNN monitoring: accuracy-vs-time plots
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         for key in ("loss", "lr", "images_per_sec"):
@@ -97,8 +99,20 @@ class RunLogger:
     def log_knn(self, results: dict) -> None:
         if not self.enabled:
             return
-        with open(self.run_dir / "knn.json", "w") as f:
-            json.dump(results, f, indent=2)
+        # knn.json: the latest result plus every monitored result of the run ("history"), kept
+        # across resumes; an epoch measured again (a resumed run redoing it) keeps the latest.
+        path = self.run_dir / "knn.json"
+        history = []
+        try:
+            old = json.loads(path.read_text())
+            history = [h for h in old.get("history", []) if isinstance(h, dict) and h.get("epoch") != results.get("epoch")]
+        except (OSError, ValueError, AttributeError):
+            pass  # no file yet, or not ours
+        entry = {key: value for key, value in results.items() if key != "history"}
+        history = sorted(history + [entry], key=lambda h: h.get("epoch", 0))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**entry, "history": history}, indent=2))
+        tmp.replace(path)
         for name in ("trained", "random_init"):
             if name in results:
                 r = results[name]

@@ -273,6 +273,27 @@ class _StopRequested(Exception):
     pass
 
 
+class _TrainClock:
+    """Seconds spent training, across resumes, without the kNN monitor's evaluations: the x axis
+    of accuracy-against-time curves."""
+
+    def __init__(self) -> None:
+        self.previous = 0.0  # from the checkpoint of a resumed run
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    def seconds(self) -> float:
+        return self.previous + time.perf_counter() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
+
+
 class _StopSignals:
     """SIGTERM (a scheduler's pre-emption) and, with several processes, SIGINT: stop and save.
 
@@ -372,8 +393,10 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     lr_schedule = build_lr_schedule(cfg, iters_per_epoch)
 
     iteration, start_epoch, position = 0, 0, 0
+    clock = _TrainClock()
     if resume is not None:
         core.load_state_dict(resume["model"])
+        clock.previous = float(resume.get("train_seconds", 0.0))
         optimizer.load_state_dict(resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
@@ -411,6 +434,7 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
             "iteration": iteration,
             "epoch": epoch,
             "position": position,  # samples of `epoch` each rank has consumed
+            "train_seconds": clock.seconds(),
             "config": to_yaml(cfg),
         }
         checkpoint.save_atomic(state, run_dir / path_name)
@@ -457,7 +481,7 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                         eta = (total_iters - iteration) / max(done, 1e-9)
                         runlog.log_step(
                             iteration=iteration, epoch=epoch, loss=mean_loss, lr=lr, images_per_sec=speed,
-                            eta_seconds=eta, quiet=not bar.disable,
+                            eta_seconds=eta, train_seconds=clock.seconds(), quiet=not bar.disable,
                         )
                         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
                         runlog.check_collapse(mean_loss, num_prototypes, epoch)
@@ -478,9 +502,11 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                     save(checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
                 knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
                 if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
-                    if main_process:
-                        run_knn_monitor(cfg, core, device, epoch + 1, runlog, knn_data)
-                    distributed.barrier()
+                    with clock.paused():
+                        if main_process:
+                            run_knn_monitor(cfg, core, device, epoch + 1, runlog, knn_data,
+                                            iteration=iteration, train_seconds=clock.seconds())
+                        distributed.barrier()
         except (_StopRequested, KeyboardInterrupt) as e:
             stopped = True
             save(checkpoint.CHECKPOINT_NAME, epoch, position)
@@ -495,7 +521,8 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
         if main_process:
-            summary["knn"] = run_knn_monitor(cfg, core, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data)
+            summary["knn"] = run_knn_monitor(cfg, core, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data,
+                                             iteration=iteration, train_seconds=clock.seconds())
         distributed.barrier()
     runlog.close()
     logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
@@ -510,8 +537,11 @@ def build_knn_data(cfg: DictConfig) -> tuple:
 
 
 def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epoch: int, runlog: RunLogger,
-                    data: tuple) -> dict:
-    """Weighted kNN of trunk features on a labelled split; optionally next to a random trunk."""
+                    data: tuple, iteration: int = 0, train_seconds: float = 0.0) -> dict:
+    """Weighted kNN of trunk features on a labelled split; optionally next to a random trunk.
+
+    `iteration` and `train_seconds` (training time so far, evaluations excluded) go into the
+    result, so that knn.json's history plots accuracy against training time."""
     from swav.eval.knn import evaluate_knn
 
     k = cfg.KNN_MONITOR
@@ -519,7 +549,8 @@ def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epo
     kwargs = dict(image_size=k.IMAGE_SIZE, k=k.K, temperature=k.TEMPERATURE,
                   num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, amp=False)
     was_training = model.training
-    results = {"epoch": epoch, "k": k.K, "temperature": k.TEMPERATURE}
+    results = {"epoch": epoch, "iteration": iteration, "train_seconds": round(train_seconds, 2),
+               "k": k.K, "temperature": k.TEMPERATURE}
     results["trained"] = evaluate_knn(model.trunk, train_set, test_set, **kwargs)
     if k.COMPARE_RANDOM_INIT:
         torch.manual_seed(cfg.SEED_VALUE)
