@@ -52,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = tt.config_overrides(args)
+    # One process with the whole batch: the FLOP counter sees only this process's operations.
+    overrides = tt.one_process(tt.config_overrides(args))
 
     step, cfg = tt.build_ours(overrides)
     for _ in range(2):

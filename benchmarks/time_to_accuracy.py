@@ -251,11 +251,13 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
             with autocast():
                 high = [model(v, step) for v in views[:n_high]]
                 low = [model(v, step) for v in views[n_high:]]
-            loss = criterion(high, low)
+            # Scores back to float32 for the loss: lightly's Sinkhorn would otherwise exponentiate
+            # bfloat16 scores (its best use, as ours keeps the codes in float32).
+            loss = criterion([h.float() for h in high], [lo.float() for lo in low])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float().sum()  # lightly returns shape [1]
             step += 1
         train_seconds += time.perf_counter() - t0
         # Clock paused: our kNN protocol, float32. extract_features restores the mode, but the
@@ -307,7 +309,7 @@ def summarise(out: Path, batches: dict[str, int], wall: dict[str, float]) -> dic
 
     print("\nend to end (training time, kNN evaluations excluded):")
     for side, s in sides.items():
-        wall_text = f", {s['wall_seconds'] / 60:.1f} min wall with start-up and kNN" if "wall_seconds" in s else ""
+        wall_text = f", {s['wall_seconds'] / 60:.2f} min wall with start-up and kNN" if "wall_seconds" in s else ""
         print(f"  {side:12s} {s['images']:8d} images in {s['train_seconds'] / 60:7.2f} min: "
               f"{s['images_per_sec']:7.1f} img/s{wall_text}")
     ours = sides.get("ours")

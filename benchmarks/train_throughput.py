@@ -266,7 +266,8 @@ def build_peer(overrides: list[str], best: bool):
         with autocast():
             high = [model(c) for c in crops[:n_high]]
             low = [model(c) for c in crops[n_high:]]
-        loss = criterion(high, low)
+        # Scores back to float32: lightly's Sinkhorn would otherwise run on bfloat16 (as ours does not).
+        loss = criterion([h.float() for h in high], [lo.float() for lo in low])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
