@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from swav import checkpoint, distributed
+from swav import checkpoint, distributed, precision
 from swav.config import ConfigError, to_yaml, world_size_of
 from swav.data import (
     MultiCropDataset,
@@ -171,11 +171,16 @@ def frozen_parameters(model: nn.Module, iter_map) -> list[tuple[nn.Parameter, in
     return frozen
 
 
-def autocast_context(cfg: DictConfig, device: torch.device):
+def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training on `device` (None: float32); see swav.precision."""
     amp = cfg.MODEL.AMP_PARAMS
-    if not amp.USE_AMP:
+    return precision.autocast_dtype(amp.USE_AMP, device, amp.AMP_TYPE, amp.CPU_BFLOAT16)
+
+
+def autocast_context(cfg: DictConfig, device: torch.device):
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if device.type == "cpu" or amp.AMP_TYPE == "bfloat16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -211,8 +216,7 @@ def place_model(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.M
 def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) -> StepContext:
     """Everything `train_step` needs for `model` (placed, possibly wrapped in DDP), from the config."""
     core = unwrap(model)
-    amp = cfg.MODEL.AMP_PARAMS
-    use_scaler = amp.USE_AMP and device.type == "cuda" and amp.AMP_TYPE == "float16"
+    use_scaler = amp_dtype(cfg, device) == torch.float16
     return StepContext(
         model=model,
         loss_fn=build_loss(cfg).to(device),
@@ -384,12 +388,9 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     ctx = build_step_context(cfg, model, device)
     core, loss_fn, optimizer, scaler = unwrap(model), ctx.loss_fn, ctx.optimizer, ctx.scaler
     amp = cfg.MODEL.AMP_PARAMS
-    if amp.USE_AMP and "opt_level" in amp.AMP_ARGS:
-        logger.info(
-            "AMP_ARGS %s are apex options; mapped to torch.autocast(%s)",
-            dict(amp.AMP_ARGS),
-            "bfloat16" if device.type == "cpu" else amp.AMP_TYPE,
-        )
+    dtype = amp_dtype(cfg, device)
+    if dtype is not None and "opt_level" in amp.AMP_ARGS:
+        logger.info("AMP_ARGS %s are apex options; mapped to torch.autocast(%s)", dict(amp.AMP_ARGS), dtype)
     lr_schedule = build_lr_schedule(cfg, iters_per_epoch)
 
     iteration, start_epoch, position = 0, 0, 0
@@ -443,9 +444,9 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     num_prototypes = min(cfg.LOSS.swav_loss.num_prototypes)
     logger.info(
         "training: %d images, %d processes, global batch %d (%d per process), %d iterations per epoch, "
-        "%d epochs, device %s, amp %s, channels_last %s",
+        "%d epochs, device %s, %s, channels_last %s",
         len(dataset), world_size, global_batch, batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
-        device, amp.USE_AMP, cfg.MODEL.CHANNELS_LAST,
+        device, precision.describe(amp.USE_AMP, device, dtype), cfg.MODEL.CHANNELS_LAST,
     )
     model.train()
     start_time = time.perf_counter()

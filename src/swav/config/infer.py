@@ -225,6 +225,8 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
     amp = cfg["MODEL"]["AMP_PARAMS"]
     if amp["AMP_TYPE"] not in ("bfloat16", "float16"):
         raise ConfigError(f"config.MODEL.AMP_PARAMS.AMP_TYPE={amp['AMP_TYPE']!r}: use bfloat16 or float16")
+    if amp["CPU_BFLOAT16"] not in ("auto", "always", "never"):
+        raise ConfigError(f"config.MODEL.AMP_PARAMS.CPU_BFLOAT16={amp['CPU_BFLOAT16']!r}: use auto, always or never")
     if cfg["MODEL"]["SYNC_BN_CONFIG"]["SYNC_BN_TYPE"] not in ("pytorch", "apex"):
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE must be pytorch or apex")
     if cfg["MACHINE"]["DEVICE"] not in ("auto", "cpu", "cuda", "gpu"):

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision import transforms
 
+from swav import precision
 from swav.config import ConfigError, load_config
 from swav.eval.features import PooledStage, dataset_labels, extract_dataset
 from swav.eval.knn import EvalTransform, knn_classify
@@ -103,11 +104,18 @@ def feature_module(cfg: DictConfig, trunk: torch.nn.Module) -> PooledStage:
         raise ConfigError(f"config.EVAL.FEATURES: {e}") from None
 
 
+def _eval_amp(cfg: DictConfig, device) -> bool:
+    """EVAL.AMP, unless this CPU would emulate bfloat16 (the rule of training, swav.precision)."""
+    return precision.autocast_dtype(
+        cfg.EVAL.AMP, torch.device(device), "bfloat16", cfg.MODEL.AMP_PARAMS.CPU_BFLOAT16
+    ) is not None
+
+
 def split_features(cfg: DictConfig, model, dataset, device, desc: str):
     """Features and labels of a whole split with the centre-crop transform (rank 0 gets them)."""
     return extract_dataset(
         model, dataset, eval_transform(cfg), batch_size=cfg.EVAL.BATCH_SIZE,
-        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, device=device, amp=cfg.EVAL.AMP, desc=desc,
+        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, device=device, amp=_eval_amp(cfg, device), desc=desc,
     )
 
 

@@ -1,0 +1,50 @@
+"""Which autocast dtype pays on a device: the one rule that training and evaluation share.
+
+On a GPU, ``AMP_TYPE`` says it. On a CPU, bfloat16 autocast pays only where the CPU multiplies
+bfloat16 natively (AVX512_BF16 or AMX). Elsewhere oneDNN and MKL emulate it, and it is ruinous:
+on an AVX2-only AMD EPYC, a 2048^3 bfloat16 matmul ran at 0.3 GFLOP/s against 62 GFLOP/s in
+float32 (BENCHMARKS.md). So ``USE_AMP: true`` means "mixed precision where it is faster", and
+``CPU_BFLOAT16`` decides on a CPU: ``auto`` (that check), ``always`` or ``never``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """True when this CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX tiles)."""
+    # torch.cpu's probes are private; without them we cannot tell, and float32 is the safe guess:
+    # a missed speed-up of about 2x against a slow-down of up to 200x.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(
+    use_amp: bool, device: torch.device, amp_type: str = "bfloat16", cpu_bfloat16: str = "auto"
+) -> torch.dtype | None:
+    """The dtype to autocast to, or None for plain float32."""
+    if not use_amp:
+        return None
+    if device.type != "cpu":
+        return torch.bfloat16 if amp_type == "bfloat16" else torch.float16
+    native = {"always": True, "never": False}.get(cpu_bfloat16)
+    if native is None:
+        native = cpu_has_native_bfloat16()
+    return torch.bfloat16 if native else None
+
+
+def describe(use_amp: bool, device: torch.device, dtype: torch.dtype | None) -> str:
+    """One line for the log: what runs, and why when USE_AMP was asked for but not used."""
+    if dtype is not None:
+        return f"{str(dtype).removeprefix('torch.')} autocast"
+    if use_amp and device.type == "cpu":
+        return (
+            "float32 (USE_AMP: this CPU has no native bfloat16 instructions, AVX512_BF16 or AMX, "
+            "so bfloat16 autocast would be many times slower; config.MODEL.AMP_PARAMS.CPU_BFLOAT16=always "
+            "forces it)"
+        )
+    return "float32"
