@@ -49,11 +49,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    parser.add_argument("--bf16-size", type=int, default=0,
+                        help="n of the bfloat16 matmul (0: 4096, or 512 where the CPU emulates bfloat16: "
+                             "4096^3 would take minutes there)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     # One process with the whole batch: the FLOP counter sees only this process's operations.
     overrides = tt.one_process(tt.config_overrides(args))
+    from swav import precision
+    from swav.train import amp_dtype
+
+    bf16_n = args.bf16_size or (4096 if precision.cpu_has_native_bfloat16() else 512)
 
     step, cfg = tt.build_ours(overrides)
     for _ in range(2):
@@ -64,14 +71,15 @@ def main() -> None:
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     print(f"# {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join([args.config, *args.overrides])} crops {args.crops} batch {batch}; "
-          f"amp={cfg.MODEL.AMP_PARAMS.USE_AMP} channels_last={cfg.MODEL.CHANNELS_LAST}")
+          f"step precision {amp_dtype(cfg, torch.device('cpu')) or torch.float32}, "
+          f"channels_last={cfg.MODEL.CHANNELS_LAST}; native bfloat16 {precision.cpu_has_native_bfloat16()}")
     print(f"# one step: {flops / 1e9:.1f} GFLOP (forward + backward) = {flops / batch / 1e9:.2f} GFLOP per image; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     fp32, bf16, step_s = [], [], []
     for _ in range(args.rounds):
         fp32.append(matmul_gflops(torch.float32))
-        bf16.append(matmul_gflops(torch.bfloat16))
+        bf16.append(matmul_gflops(torch.bfloat16, n=bf16_n))
         for _ in range(args.steps):
             t0 = time.perf_counter()
             step()
@@ -79,7 +87,7 @@ def main() -> None:
     peak32, peak16 = statistics.median(fp32), statistics.median(bf16)
     achieved = flops / statistics.median(step_s) / 1e9
     print(f"matmul 4096^3 float32 : {peak32:7.0f} GFLOP/s (median of {args.rounds}; range {min(fp32):.0f}-{max(fp32):.0f})")
-    print(f"matmul 4096^3 bfloat16: {peak16:7.0f} GFLOP/s (range {min(bf16):.0f}-{max(bf16):.0f})")
+    print(f"matmul {bf16_n}^3 bfloat16: {peak16:7.1f} GFLOP/s (range {min(bf16):.0f}-{max(bf16):.0f})")
     print(f"train step            : {achieved:7.0f} GFLOP/s ({batch / statistics.median(step_s):.0f} img/s, "
           f"median of {len(step_s)} steps) = {100 * achieved / peak16:.1f} % of the bfloat16 peak, "
           f"{100 * achieved / peak32:.1f} % of the float32 peak")

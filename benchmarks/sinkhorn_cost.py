@@ -19,8 +19,8 @@ recipe). Every setting runs in a fresh subprocess, which measures:
   matrix products only (scores, their backward, the queue's scores), not Sinkhorn's elementwise work.
 
 The reference: the FLOPs of the trunk + projection head forward and backward for the same 64
-images, counted on the meta device, at ``--step-efficiency`` of a measured bfloat16 4096^3
-matmul's GFLOP/s (the fraction of that peak our step reaches on this machine): the estimated
+images, counted on the meta device, at ``--step-efficiency`` of a measured 4096^3 matmul's GFLOP/s
+in the precision training uses on this CPU (bfloat16 where native, else float32) (the fraction of that peak our step reaches on this machine): the estimated
 step time that "% of step" compares the loss time with.
 
     /work/benchenv/bin/python benchmarks/sinkhorn_cost.py --prototypes 3000,30000,100000 --queue 0,3840 --double
@@ -44,6 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peak_flops import matmul_gflops  # noqa: E402  (the same peak as peak_flops.py)
+
+from swav import precision  # noqa: E402
 
 BASE = "config=pretrain/swav/swav_8node_resnet"
 ITERATION = 10_000  # past any hard-assignment or freezing iterations, as most of a run is
@@ -192,16 +194,17 @@ def main() -> None:
     parser.add_argument("--config", default=BASE)
     parser.add_argument("--prototypes", default="3000,30000,100000", help="numbers of prototypes K")
     parser.add_argument("--queue", default="0,3840", help="queue rows per assignment crop")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="add bfloat16-autocast rows (float32 rows are always measured)")
     parser.add_argument("--double", action="store_true", help="add rows with Sinkhorn in float64")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--step-efficiency", type=float, default=0.72,
-                        help="fraction of the bf16 matmul peak the training step reaches")
-    parser.add_argument("--bf16-gflops", type=float, default=0.0,
-                        help="bf16 matmul GFLOP/s to use (0: measure it)")
+    parser.add_argument("--step-efficiency", type=float, default=0.0,
+                        help="fraction of the matmul peak the training step reaches (0: 0.72 in bfloat16, "
+                             "measured on an AVX512_BF16 EPYC; 0.46 in float32, measured on an AVX2 EPYC)")
+    parser.add_argument("--peak-gflops", type=float, default=0.0,
+                        help="matmul GFLOP/s to use (0: measure it in the training precision)")
     parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n^3 peak matmul")
     parser.add_argument("--_setting", help=argparse.SUPPRESS)  # the per-setting subprocess
     args = parser.parse_args()
@@ -218,16 +221,22 @@ def main() -> None:
     overrides = [args.config, *args.overrides]
     r = recipe(overrides)
     fwd, step_flops = trunk_step_flops(overrides)
-    gflops = args.bf16_gflops or matmul_gflops(torch.bfloat16, n=args.matmul_size)
-    step_s = step_flops / (args.step_efficiency * gflops * 1e9)
+    # The reference step runs in the precision training would use here (swav.precision).
+    peak_dtype = torch.bfloat16 if precision.cpu_has_native_bfloat16() else torch.float32
+    if args.amp is None:  # bfloat16 rows only where training would autocast
+        args.amp = peak_dtype == torch.bfloat16
+    efficiency = args.step_efficiency or (0.72 if peak_dtype == torch.bfloat16 else 0.46)
+    gflops = args.peak_gflops or matmul_gflops(peak_dtype, n=args.matmul_size)
+    step_s = step_flops / (efficiency * gflops * 1e9)
     rows = r["batch"] * sum(n for n, _ in r["crops"])
     crops = " + ".join(f"{n}x{s}" for n, s in r["crops"])
     print(f"# reference: trunk + projection head, {r['batch']} images x ({crops}) = {rows} rows: "
           f"{fwd / 1e9:.0f} GFLOP forward, {step_flops / 1e9:.0f} GFLOP forward + backward "
           f"({step_flops / fwd:.2f}x forward)")
-    print(f"# bf16 matmul {args.matmul_size}^3: {gflops:.0f} GFLOP/s"
-          f"{' (given)' if args.bf16_gflops else ''}; trunk step at {100 * args.step_efficiency:.0f} % "
-          f"of bf16 peak = {step_s:.2f} s")
+    dtype_name = str(peak_dtype).removeprefix("torch.")
+    print(f"# {dtype_name} matmul {args.matmul_size}^3: {gflops:.0f} GFLOP/s"
+          f"{' (given)' if args.peak_gflops else ''}; trunk step at {100 * efficiency:.0f} % "
+          f"of that peak = {step_s:.2f} s")
     print(f"# sinkhorn: one call on (batch + queue) x K, {r['num_iters']} iterations (the loss makes "
           f"{len(r['crops_for_assign'])}); loss: fwd + bwd from the embeddings (prototypes layer, "
           f"codes, swapped prediction); median (min-max) of {args.repeats} after {args.warmup} warm-up")
@@ -248,13 +257,13 @@ def main() -> None:
                     })
                     sk = sinkhorn_done.setdefault(key, res.get("sinkhorn_ms"))
                     ms, lo, hi = res["loss_ms"]
-                    precision = f"{'bf16 autocast' if amp else 'float32'}, sinkhorn {'float64' if double else 'float32'}"
-                    print(f"| {k} | {queue} | {precision} | {sk[0]:.1f} ({sk[1]:.1f}-{sk[2]:.1f}) | "
+                    label = f"{'bf16 autocast' if amp else 'float32'}, sinkhorn {'float64' if double else 'float32'}"
+                    print(f"| {k} | {queue} | {label} | {sk[0]:.1f} ({sk[1]:.1f}-{sk[2]:.1f}) | "
                           f"{ms:.1f} ({lo:.1f}-{hi:.1f}) | {res['peak_mib']:.0f} | "
                           f"{res['loss_flops'] / 1e9:.1f} | {100 * res['loss_flops'] / step_flops:.2f} | "
                           f"{100 * ms / 1000 / step_s:.2f} |", flush=True)
-    end_gflops = matmul_gflops(torch.bfloat16, n=args.matmul_size)
-    print(f"\n# load average {_load()} at end; bf16 matmul {end_gflops:.0f} GFLOP/s at end "
+    end_gflops = matmul_gflops(peak_dtype, n=args.matmul_size)
+    print(f"\n# load average {_load()} at end; {dtype_name} matmul {end_gflops:.0f} GFLOP/s at end "
           "(a drift from the start value means the machine's load changed)")
 
 

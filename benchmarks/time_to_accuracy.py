@@ -14,7 +14,8 @@ Sides:
   SwaVPrototypes, SwaVLoss with its defaults, Adam (lr 1e-3), each crop forwarded separately,
   float32. Crops, global batch, prototypes, prototype-freezing iterations, flip, colour-jitter
   strength, blur and normalisation are read from ours' resolved config (OUT/ours/train_config.yaml).
-- ``peer-best``: the same with bfloat16 autocast and channels-last (model and inputs).
+- ``peer-best``: the same with channels-last (model and inputs), and bfloat16 autocast where the
+  CPU has native bfloat16 (the rule ours follows, ``swav.precision``).
 After every peer epoch the clock pauses and the trunk is scored with exactly our kNN protocol
 (``swav.eval.knn.evaluate_knn`` on ``swav.train.build_knn_data``'s datasets, ours' K, T and image
 size, float32). Records go to OUT/peer-<side>.json as they are made; everything to OUT/results.json.
@@ -192,6 +193,7 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
+    from swav import precision
     from swav.eval.knn import evaluate_knn
     from swav.models import build_model
     from swav.train import build_knn_data
@@ -225,7 +227,8 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     model = PeerSwaV().to(memory_format=memory_format)
     criterion = SwaVLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if best else contextlib.nullcontext
+    bf16 = best and precision.cpu_has_native_bfloat16()
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     dataset = ImageFolder(str(data / "train"), transform=peer_transform(cfg))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
     if len(loader) == 0:
@@ -234,12 +237,12 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
 
     record = {
         "side": side, "global_batch": batch, "iters_per_epoch": len(loader), "workers": workers,
-        "threads": torch.get_num_threads(), "bfloat16": best, "channels_last": best,
+        "threads": torch.get_num_threads(), "bfloat16": bf16, "channels_last": best,
         "prototypes": n_prototypes, "frozen_prototype_iterations": n_frozen, "history": [],
     }
     print(f"# {side}: {len(dataset)} images, global batch {batch}, {len(loader)} iterations per epoch, "
           f"{workers} loader workers, {torch.get_num_threads()} threads, prototypes {n_prototypes} "
-          f"(frozen {n_frozen} iterations), bfloat16+channels-last {best}", flush=True)
+          f"(frozen {n_frozen} iterations), bfloat16 {bf16}, channels-last {best}", flush=True)
     train_seconds, step = 0.0, 0
     model.train()
     for epoch in range(epochs):

@@ -23,8 +23,11 @@ from swav.models import build_model
 from swav.train import build_step_context, place_model, train_step
 
 VARIANTS = {
-    "bf16-cl": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.CHANNELS_LAST=true"],
-    "bf16": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.CHANNELS_LAST=false"],
+    # always: measure bfloat16 even where the CPU emulates it (training's auto rule would not use it)
+    "bf16-cl": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.AMP_PARAMS.CPU_BFLOAT16=always",
+                "config.MODEL.CHANNELS_LAST=true"],
+    "bf16": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.AMP_PARAMS.CPU_BFLOAT16=always",
+             "config.MODEL.CHANNELS_LAST=false"],
     "fp32-cl": ["config.MODEL.AMP_PARAMS.USE_AMP=false", "config.MODEL.CHANNELS_LAST=true"],
     "fp32": ["config.MODEL.AMP_PARAMS.USE_AMP=false", "config.MODEL.CHANNELS_LAST=false"],
 }

@@ -17,7 +17,8 @@ Settings (same trunk, crops, global batch and number of prototypes on both sides
 - ``ours-best``: the same plus the levers that paid on this machine (``--best``).
 - ``peer-default``: lightly's SwaVProjectionHead + SwaVPrototypes + SwaVLoss around our trunk, each
   crop forwarded separately and float32, Adam (lr 1e-3), as lightly's examples do.
-- ``peer-best``: the same with bfloat16 autocast and channels-last.
+- ``peer-best``: the same with channels-last, and bfloat16 autocast where the CPU has native
+  bfloat16 (the rule ours follows, ``swav.precision``; emulated bfloat16 would cripple the peer).
 lightly lives only in the benchmark environment (/work/benchenv), never in the package:
 
     /work/benchenv/bin/python benchmarks/train_throughput.py                       # shipped CIFAR config
@@ -230,6 +231,7 @@ def build_peer(overrides: list[str], best: bool):
     from lightly.loss import SwaVLoss
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
+    from swav import precision
     from swav.config import load_config
     from swav.models import build_model
 
@@ -259,7 +261,8 @@ def build_peer(overrides: list[str], best: bool):
     crops = [c.to(memory_format=memory_format) for c in random_crops(cfg, batch)]
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
     n_high = int(spec.num_crops[0])
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if best else contextlib.nullcontext
+    bf16 = best and precision.cpu_has_native_bfloat16()
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step() -> float:
         model.prototypes.normalize()
