@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--step-efficiency", type=float, default=0.0,
                         help="fraction of the matmul peak the training step reaches (0: 0.72 in bfloat16, "
-                             "measured on an AVX512_BF16 EPYC; 0.46 in float32, measured on an AVX2 EPYC)")
+                             "measured on an AVX512_BF16 EPYC; 0.32 in float32, measured on an AVX2 EPYC)")
     parser.add_argument("--peak-gflops", type=float, default=0.0,
                         help="matmul GFLOP/s to use (0: measure it in the training precision)")
     parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n^3 peak matmul")
@@ -225,7 +225,7 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if precision.cpu_has_native_bfloat16() else torch.float32
     if args.amp is None:  # bfloat16 rows only where training would autocast
         args.amp = peak_dtype == torch.bfloat16
-    efficiency = args.step_efficiency or (0.72 if peak_dtype == torch.bfloat16 else 0.46)
+    efficiency = args.step_efficiency or (0.72 if peak_dtype == torch.bfloat16 else 0.32)
     gflops = args.peak_gflops or matmul_gflops(peak_dtype, n=args.matmul_size)
     step_s = step_flops / (efficiency * gflops * 1e9)
     rows = r["batch"] * sum(n for n, _ in r["crops"])

@@ -358,6 +358,7 @@ def main() -> None:
         _measure_memory(args.memory_of, overrides, best)
         return
     settings = args.settings.split(",")
+    from swav.train import amp_dtype  # imported late, like the other swav imports here
 
     steps, build_s, warm_s = {}, {}, {}
     cfg = None
@@ -373,7 +374,7 @@ def main() -> None:
     print(f"# {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join(overrides[:1] + list(args.overrides))}; trunk resnet{cfg.MODEL.TRUNK.RESNETS.DEPTH} "
           f"small_stem={cfg.MODEL.TRUNK.RESNETS.SMALL_STEM}; crops {list(spec.num_crops)} x {list(spec.size_crops)} px; "
-          f"batch {batch} ({cfg.DISTRIBUTED.NUM_PROC_PER_NODE} processes for ours); prototypes {cfg.MODEL.HEAD.PARAMS[0][1]['num_clusters']}; ours amp={cfg.MODEL.AMP_PARAMS.USE_AMP} "
+          f"batch {batch} ({cfg.DISTRIBUTED.NUM_PROC_PER_NODE} processes for ours); prototypes {cfg.MODEL.HEAD.PARAMS[0][1]['num_clusters']}; ours precision {amp_dtype(cfg, torch.device('cpu')) or torch.float32} "
           f"channels_last={cfg.MODEL.CHANNELS_LAST}; ours-best levers: {','.join(best) or 'none'}")
     print(f"# {args.warmup} warm-up iterations, then {args.rounds} interleaved rounds of {args.steps} iterations; {load()}")
 

@@ -304,10 +304,10 @@ def _two_processes_64_iterations(run: Path) -> list[str]:
             f"config.CHECKPOINT.DIR={run}"]
 
 
-def _start_until_checkpoint(args: list[str], run: Path) -> subprocess.Popen:
+def _start_until_checkpoint(args: list[str], run: Path, **popen) -> subprocess.Popen:
     """`swav train ARGS` in the background, returned once its first checkpoint exists."""
     proc = subprocess.Popen([sys.executable, "-m", "swav", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, **popen)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.torch").exists():
         if proc.poll() is not None:
@@ -404,3 +404,22 @@ def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path)
     assert "checkpoint saved, rerun the same command to resume" in stdout + stderr
     ckpt = torch.load(run / "checkpoint.torch", weights_only=False)
     assert 0 < ckpt["iteration"] < 64 and len(ckpt["loss_per_rank"]) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tmp_path):
+    # What a scheduler's pre-emption, `timeout` or `kill -TERM -PGID` does: every process of the
+    # run, data-loader workers included, gets the signal at once.
+    run = tmp_path / "run"
+    args = [*_two_processes_64_iterations(run), "config.DATA.NUM_DATALOADER_WORKERS=1"]
+    proc = _start_until_checkpoint(args, run, start_new_session=True)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved, rerun the same command to resume" in stdout + stderr
+    assert "DataLoader worker" not in stderr
+    assert 0 < torch.load(run / "checkpoint.torch", weights_only=False)["iteration"] < 64

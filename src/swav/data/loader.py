@@ -7,6 +7,7 @@ workers and a run resumed mid-epoch sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -212,6 +213,17 @@ def build_dataset(
     return RobustDataset(dataset, max_consecutive_failures)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's init: leave SIGTERM to the training process.
+
+    A scheduler's pre-emption, `timeout` or `kill -TERM -PGID` signals the whole process group.
+    The training process then stops at the end of its step and saves a checkpoint; a worker that
+    died of the same signal first would make the loader raise instead, and the step would be lost.
+    Workers still end with the loader, or when the training process is gone (PyTorch's watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(
     dataset,
     batch_size: int,
@@ -245,4 +257,5 @@ def build_loader(
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=generator,
+        worker_init_fn=ignore_stop_signals,
     )
