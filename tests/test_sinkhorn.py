@@ -166,3 +166,19 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
         got.double(), official_reference(scores, 0.05, 3), rtol=2e-5, atol=1e-7
     )
     assert not math.isclose(got[0, 0].item(), sinkhorn(scores[:6])[0, 0].item(), rel_tol=1e-3)
+
+
+def test_overwrite_uses_the_scores_as_buffer_and_changes_nothing_else():
+    torch.manual_seed(0)
+    scores = F.normalize(torch.randn(40, 128), dim=1) @ F.normalize(torch.randn(30, 128), dim=1).t()
+    kept = scores.clone()
+    expected = official_reference(scores, 0.05, 3).float()
+    codes = sinkhorn(scores, 0.05, 3)
+    assert torch.equal(scores, kept)  # the default copies
+    assert torch.allclose(codes, expected, rtol=1e-4, atol=1e-6)
+    reused = sinkhorn(scores, 0.05, 3, overwrite=True)
+    assert torch.equal(reused, codes)
+    assert reused.data_ptr() == scores.data_ptr()  # no copy of the [B, K] matrix
+    # float64 Sinkhorn cannot work in a float32 buffer: it copies, and the scores stay.
+    doubled = sinkhorn(kept, 0.05, 3, use_double_precision=True, overwrite=True)
+    assert doubled.dtype == torch.float64 and doubled.data_ptr() != kept.data_ptr()

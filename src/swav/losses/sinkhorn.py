@@ -21,6 +21,7 @@ def sinkhorn(
     num_iters: int = 3,
     use_double_precision: bool = False,
     group: dist.ProcessGroup | None = None,
+    overwrite: bool = False,
 ) -> Tensor:
     """Codes ``[B, K]`` for prototype scores ``[B, K]``; each row sums to 1.
 
@@ -34,6 +35,8 @@ def sinkhorn(
     row scaling of Q, which the first row normalisation removes exactly, so the result equals
     the unshifted algorithm wherever that is finite, while every row keeps an entry of 1 and
     nothing overflows (small epsilon, fp16 scores). Lower epsilon = sharper codes.
+    ``overwrite=True`` lets it use ``scores`` (already of that dtype) as its buffer: one copy of
+    the [B, K] matrix fewer, for callers that built it for this call.
     """
     if scores.ndim != 2 or scores.shape[0] == 0:
         raise ValueError(
@@ -44,10 +47,12 @@ def sinkhorn(
     world_size = dist.get_world_size(group) if distributed else 1
 
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        scores = scores.detach().to(dtype)
-        shift = scores.amax(dim=0)  # [K]
+        # One [B, K] buffer updated in place: with 100,000 prototypes and a 3840-row queue each
+        # temporary would be 1.5 GB, about a second to allocate and fill on a CPU (BENCHMARKS.md).
+        q = scores.detach().to(dtype, copy=not (overwrite and scores.dtype == dtype))
+        shift = q.amax(dim=0)  # [K]
         _all_reduce(shift, "max", group)
-        q = torch.exp((scores - shift) / epsilon).t()  # [K, B], entries in [0, 1]
+        q = q.sub_(shift).div_(epsilon).exp_().t()  # [K, B], entries in [0, 1]
         num_prototypes, batch = q.shape
         batch_total = batch * world_size
 

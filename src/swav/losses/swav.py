@@ -173,10 +173,15 @@ class SwAVLoss(nn.Module):
             for i, crop in enumerate(self.crops_for_assign):
                 out = scores[crop * batch : (crop + 1) * batch].detach().float()
                 if filled:
-                    # Recomputed with today's prototypes: stored scores would be stale.
-                    queued = self.queue[i, :filled] @ prototypes.detach().float().t()
-                    out = torch.cat([queued, out])
-                q = sinkhorn(out, self.epsilon, self.num_iters, self.use_double_precision)[-batch:]
+                    # The queue's scores recomputed with today's prototypes (stored ones would be
+                    # stale), written straight into one buffer that Sinkhorn then works in: at
+                    # 100,000 prototypes each extra [filled, K] copy costs about a second on a CPU.
+                    buffer = out.new_empty(filled + batch, out.shape[1])
+                    torch.mm(self.queue[i, :filled], prototypes.detach().float().t(), out=buffer[:filled])
+                    buffer[filled:] = out
+                    out = buffer
+                q = sinkhorn(out, self.epsilon, self.num_iters, self.use_double_precision,
+                             overwrite=bool(filled))[-batch:]
                 if self.temp_hard_assignment_iters < 0 or iteration < self.temp_hard_assignment_iters:
                     q = hard_assignment(q)
                 codes.append(q.float())
