@@ -2,8 +2,8 @@
 
 On a GPU, ``AMP_TYPE`` says it. On a CPU, bfloat16 autocast pays only where the CPU multiplies
 bfloat16 natively (AVX512_BF16 or AMX). Elsewhere oneDNN and MKL emulate it, and it is ruinous:
-on an AVX2-only AMD EPYC, a 2048^3 bfloat16 matmul ran at 0.3 GFLOP/s against 62 GFLOP/s in
-float32 (BENCHMARKS.md). So ``USE_AMP: true`` means "mixed precision where it is faster", and
+on an AVX2-only AMD EPYC, bfloat16 matmuls ran at 1.3 GFLOP/s against 122 GFLOP/s in float32,
+and the CIFAR training step 7x slower (BENCHMARKS.md, machine B). So ``USE_AMP: true`` means "mixed precision where it is faster", and
 ``CPU_BFLOAT16`` decides on a CPU: ``auto`` (that check), ``always`` or ``never``.
 """
 
