@@ -41,6 +41,8 @@ def describe(use_amp: bool, device: torch.device, dtype: torch.dtype | None) -> 
     """One line for the log: what runs, and why when USE_AMP was asked for but not used."""
     if dtype is not None:
         return f"{str(dtype).removeprefix('torch.')} autocast"
+    if use_amp and device.type == "cpu" and cpu_has_native_bfloat16():
+        return "float32 (USE_AMP, but config.MODEL.AMP_PARAMS.CPU_BFLOAT16=never)"
     if use_amp and device.type == "cpu":
         return (
             "float32 (USE_AMP: this CPU has no native bfloat16 instructions, AVX512_BF16 or AMX, "
