@@ -53,13 +53,13 @@ def main() -> None:
                         help="n of the bfloat16 matmul (0: 4096, or 512 where the CPU emulates bfloat16: "
                              "4096^3 would take minutes there)")
     args = parser.parse_args()
+    from swav import precision
+    from swav.train import amp_dtype
+
     if args.threads:
         torch.set_num_threads(args.threads)
     # One process with the whole batch: the FLOP counter sees only this process's operations.
     overrides = tt.one_process(tt.config_overrides(args))
-    from swav import precision
-    from swav.train import amp_dtype
-
     bf16_n = args.bf16_size or (4096 if precision.cpu_has_native_bfloat16() else 512)
 
     step, cfg = tt.build_ours(overrides)
@@ -89,8 +89,9 @@ def main() -> None:
     print(f"matmul 4096^3 float32 : {peak32:7.0f} GFLOP/s (median of {args.rounds}; range {min(fp32):.0f}-{max(fp32):.0f})")
     print(f"matmul {bf16_n}^3 bfloat16: {peak16:7.1f} GFLOP/s (range {min(bf16):.0f}-{max(bf16):.0f})")
     print(f"train step            : {achieved:7.0f} GFLOP/s ({batch / statistics.median(step_s):.0f} img/s, "
-          f"median of {len(step_s)} steps) = {100 * achieved / peak16:.1f} % of the bfloat16 peak, "
-          f"{100 * achieved / peak32:.1f} % of the float32 peak")
+          f"median of {len(step_s)} steps) = "
+          + (f"{100 * achieved / peak16:.1f} % of the bfloat16 peak, " if amp_dtype(cfg, torch.device("cpu")) else "")
+          + f"{100 * achieved / peak32:.1f} % of the float32 peak")
     print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -19,9 +19,9 @@ recipe). Every setting runs in a fresh subprocess, which measures:
   matrix products only (scores, their backward, the queue's scores), not Sinkhorn's elementwise work.
 
 The reference: the FLOPs of the trunk + projection head forward and backward for the same 64
-images, counted on the meta device, at ``--step-efficiency`` of a measured 4096^3 matmul's GFLOP/s
-in the precision training uses on this CPU (bfloat16 where native, else float32) (the fraction of that peak our step reaches on this machine): the estimated
-step time that "% of step" compares the loss time with.
+images, counted on the meta device, at ``--step-efficiency`` (the fraction of the peak our step
+reaches) of a measured 4096^3 matmul's GFLOP/s in the precision training uses on this CPU
+(bfloat16 where native, else float32): the estimated step time that "% of step" compares with.
 
     /work/benchenv/bin/python benchmarks/sinkhorn_cost.py --prototypes 3000,30000,100000 --queue 0,3840 --double
 """
@@ -222,7 +222,7 @@ def main() -> None:
     r = recipe(overrides)
     fwd, step_flops = trunk_step_flops(overrides)
     # The reference step runs in the precision training would use here (swav.precision).
-    peak_dtype = torch.bfloat16 if precision.cpu_has_native_bfloat16() else torch.float32
+    peak_dtype = precision.autocast_dtype(True, torch.device("cpu")) or torch.float32
     if args.amp is None:  # bfloat16 rows only where training would autocast
         args.amp = peak_dtype == torch.bfloat16
     efficiency = args.step_efficiency or (0.72 if peak_dtype == torch.bfloat16 else 0.32)
