@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 
 from swav import checkpoint
@@ -254,3 +255,37 @@ def test_metrics_reader_survives_resumes_and_torn_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(text)
     read, bad = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in read] == [1, 2, 3] and read[-1]["loss"] == 1.5 and bad == 1
+
+
+def test_class_names_with_tex_specials_are_shown_literally(run_dir, tmp_path, monkeypatch):
+    # Folder names are user data: "$...$" must not be parsed as mathtext (it crashed the page).
+    rng = np.random.default_rng(0)
+    names = {"cls$\\foo$": 10, "a_b^c": 2}  # 10 of 12: some prototype's majority is cls$\foo$
+    for name, count in names.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", run)
+    (run / checkpoint.FINAL_NAME).symlink_to(run_dir / checkpoint.FINAL_NAME)
+    raw = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    raw["config"]["DATA"]["TRAIN"]["DATA_SOURCES"] = ["disk_folder"]
+    raw["config"]["DATA"]["TRAIN"]["DATA_PATHS"] = [str(tmp_path / "images")]
+    raw["config"]["DATA"]["NUM_DATALOADER_WORKERS"] = 0
+    (run / "train_config.yaml").write_text(yaml.safe_dump(raw))
+    texts = []
+    original = Figure.text
+
+    def recording(self, *args, **kwargs):
+        texts.append(original(self, *args, **kwargs))
+        return texts[-1]
+
+    monkeypatch.setattr(Figure, "text", recording)
+    summary = build_report(run, num_images=12)
+    assert summary["notes"] == [] and summary["usage"].sum() == 12
+    assert "gallery.png" in [p.name for p in summary["images"]]
+    captions = [t for t in texts if t.get_text().startswith("prototype ")]
+    assert any(t.get_text().endswith("% cls$\\foo$") for t in captions)
+    assert all(not t.get_parse_math() and not t.get_usetex() for t in captions)

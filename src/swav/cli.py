@@ -52,6 +52,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def guarded(run) -> int:
     """Run `run()` and turn the errors a user can fix into one line on stderr and an exit code."""
+    from swav.checkpoint import CheckpointError, RunFolderBusy
     from swav.config import ConfigError
 
     try:
@@ -59,6 +60,12 @@ def guarded(run) -> int:
     except ConfigError as e:
         print(f"swav: config error: {e}", file=sys.stderr)
         return 2
+    except RunFolderBusy as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 4
     except (FileNotFoundError, NotADirectoryError) as e:
         print(f"swav: {e}", file=sys.stderr)
         return 2

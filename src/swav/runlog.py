@@ -23,10 +23,22 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(log_file: Path | None = None, console_level: int = logging.INFO) -> None:
+class _LazyFileHandler(logging.FileHandler):
+    """Appends from the first record on (``delay``), creating the folder if need be: a rank > 0
+    may log before rank 0 has made the run folder."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+def setup_logging(log_file: Path | None = None, console_level: int = logging.INFO, rank: int = 0) -> None:
     """INFO to the console and, when given, to `log_file` (appended: a resumed run keeps its history).
 
-    Processes other than rank 0 pass `console_level=logging.WARNING`: one voice per run.
+    Processes other than rank 0 pass `console_level=logging.WARNING`: one voice per run. Given
+    `rank` > 0 and the run's `log_file`, they append their WARNINGs and above to it too, tagged
+    "[rank N]", so that every rank's replaced images and problems are in one log.txt. A record
+    logged with `extra={"console": False}` goes to the file only.
     """
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -38,10 +50,18 @@ def setup_logging(log_file: Path | None = None, console_level: int = logging.INF
     console.addFilter(lambda record: getattr(record, "console", True))
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
-    if log_file is not None:
+    if log_file is None:
+        return
+    if rank == 0:
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(file_handler)
+    else:
+        # Opened only when this rank has something to say; append mode, so ranks (and their
+        # forked loader workers) add whole lines to rank 0's file.
+        file_handler = _LazyFileHandler(log_file, mode="a", delay=True)
+        file_handler.setLevel(logging.WARNING)
+        file_handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
+    logger.addHandler(file_handler)
 
 
 class RunLogger:
@@ -91,8 +111,12 @@ class RunLogger:
             )
 
     def epoch_summary(self, epoch: int, replaced: int) -> None:
+        """The epoch's one console line about replaced images (`replaced`: the count over every
+        rank); each file's path and error are in log.txt. Rank 0's alone, like the metrics."""
+        if not self.enabled:
+            return
         if replaced:
-            logger.warning("epoch %d: %d unreadable images were replaced by others (see the log above for paths)",
+            logger.warning("epoch %d: %d unreadable images were replaced by others (their paths are in log.txt)",
                            epoch + 1, replaced)
         logger.info("epoch %d done", epoch + 1)
 

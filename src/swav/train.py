@@ -29,7 +29,15 @@ from swav.data import (
 )
 from swav.losses import SwAVLoss
 from swav.models import build_model
-from swav.optim import LARC, constant_schedule, cosine_schedule, param_groups, step_schedule
+from swav.optim import (
+    LARC,
+    constant_schedule,
+    continue_cosine,
+    cosine_schedule,
+    param_groups,
+    step_schedule,
+)
+from swav.resume import check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
 
 logger = logging.getLogger("swav")
@@ -63,6 +71,7 @@ def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1, key: st
             synthetic_image_size=syn.IMAGE_SIZE,
             synthetic_num_classes=syn.NUM_CLASSES,
             seed=cfg.SEED_VALUE,
+            max_missing_fraction=cfg.DATA.MAX_MISSING_FRACTION,
         )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise ConfigError(f"config.{key}.DATA_SOURCES / DATA_PATHS: {e}") from e
@@ -128,13 +137,17 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def build_lr_schedule(cfg: DictConfig, iters_per_epoch: int) -> np.ndarray:
+def build_lr_schedule(cfg: DictConfig, iters_per_epoch: int, num_epochs: int | None = None,
+                      restart: tuple[int, float] | None = None) -> np.ndarray:
+    """One LR per iteration. `restart` = (iteration, lr): from there on a cosine from that LR to
+    the end value, which is how a run resumed with another `num_epochs` continues without a jump."""
     lr = cfg.OPTIMIZER.param_schedulers.lr
-    total = cfg.OPTIMIZER.num_epochs * iters_per_epoch
+    total = (num_epochs or cfg.OPTIMIZER.num_epochs) * iters_per_epoch
     warmup = lr.warmup_epochs * iters_per_epoch
     s = lr.scaled
     if lr.name == "cosine":
-        return cosine_schedule(s.base_value, s.end_value, total, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)
+        schedule = cosine_schedule(s.base_value, s.end_value, total, warmup_iters=warmup, warmup_start_value=s.warmup_start_value)
+        return continue_cosine(schedule, restart[0], restart[1], s.end_value) if restart else schedule
     # The same linear warm-up as cosine_schedule's, then the flat or stepped part.
     head = np.linspace(s.warmup_start_value, s.base_value, warmup, endpoint=False)
     if lr.name == "constant":
@@ -345,8 +358,9 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     """Pretrain as configured; rerunning with the same CHECKPOINT.DIR resumes.
 
     Runs in every process of a multi-process job (`swav train` starts or joins them, see
-    swav.distributed); only rank 0 writes files. `stop_after_iters` stops (with a checkpoint)
-    after that many iterations in total, as a pre-empted job would; it exists for tests and smoke runs.
+    swav.distributed); only rank 0 writes files, and rank 0 holds the run folder's lock while the
+    run lasts. `stop_after_iters` stops (with a checkpoint) after that many iterations in total,
+    as a pre-empted job would; it exists for tests and smoke runs.
     """
     rank, world_size = distributed.rank(), distributed.world_size()
     if world_size != world_size_of(cfg):
@@ -354,24 +368,64 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
             f"{world_size} processes are running but the config asks for {world_size_of(cfg)} "
             "(config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE); start runs with `swav train`, which matches them"
         )
+    run_dir = Path(cfg.CHECKPOINT.DIR)
+    if rank != 0:
+        # Warnings of every rank (unreadable images, say) go to the one log.txt, tagged with the rank.
+        setup_logging(run_dir / "log.txt", console_level=logging.WARNING, rank=rank)
+        return _train(cfg, stop_after_iters, rank, world_size)
+    with checkpoint.RunFolderLock(run_dir):
+        setup_logging(run_dir / "log.txt")
+        checkpoint.remove_stale_temporaries(run_dir)
+        return _train(cfg, stop_after_iters, rank, world_size)
+
+
+def _resume_state(cfg: DictConfig, run_dir: Path, main_process: bool) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from, as AUTO_RESUME and OVERWRITE_EXISTING say."""
+    latest, prev = run_dir / checkpoint.CHECKPOINT_NAME, run_dir / checkpoint.PREV_NAME
+    if not (latest.exists() or prev.exists()):
+        return None, None
+    if cfg.CHECKPOINT.AUTO_RESUME:
+        return checkpoint.load_latest(run_dir)
+    if not cfg.CHECKPOINT.OVERWRITE_EXISTING:
+        raise ConfigError(
+            f"{latest} exists and config.CHECKPOINT.AUTO_RESUME=false: choose another "
+            "config.CHECKPOINT.DIR, or set config.CHECKPOINT.OVERWRITE_EXISTING=true to start over"
+        )
+    if main_process:
+        # Starting over: the previous run's checkpoints must not be resumed or fallen back to later.
+        for path in (latest, prev):
+            path.unlink(missing_ok=True)
+        logger.info("config.CHECKPOINT.OVERWRITE_EXISTING=true: starting over in %s (old checkpoints removed)", run_dir)
+    return None, None
+
+
+def _write_train_config(cfg: DictConfig, run_dir: Path, changed: bool) -> None:
+    """train_config.yaml is the config of the run going on; a resume with changes keeps the old one."""
+    path = run_dir / "train_config.yaml"
+    if changed and path.exists():
+        kept = run_dir / f"train_config.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        path.replace(kept)
+        logger.info("the previous config is kept as %s", kept.name)
+    tmp = path.with_name(".train_config.yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size: int) -> dict:
     main_process = rank == 0
     run_dir = Path(cfg.CHECKPOINT.DIR)
-    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
-    resume = None
-    if ckpt_path.exists():
-        if cfg.CHECKPOINT.AUTO_RESUME:
-            resume = checkpoint.load(ckpt_path)
-        elif not cfg.CHECKPOINT.OVERWRITE_EXISTING:
-            raise ConfigError(
-                f"{ckpt_path} exists and config.CHECKPOINT.AUTO_RESUME=false: choose another "
-                "config.CHECKPOINT.DIR, or set config.CHECKPOINT.OVERWRITE_EXISTING=true to start over"
-            )
+    resume, ckpt_path = _resume_state(cfg, run_dir, main_process)
+    changes = None
+    if resume is not None:
+        # Checked before anything is written: a refused resume leaves the folder as it was.
+        saved_world = resume.get("world_size", 1)
+        changes = compare_configs(saved_config(resume), OmegaConf.to_container(cfg),
+                                  world_size_changed=saved_world != world_size)
+        notes = check_resume(changes, str(ckpt_path), accept=cfg.CHECKPOINT.RESUME_CHANGED)
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(run_dir / "log.txt")
-        (run_dir / "train_config.yaml").write_text(to_yaml(cfg))
-    else:
-        setup_logging(console_level=logging.WARNING)
+        _write_train_config(cfg, run_dir, changed=changes is not None and changes.any)
+        for line in notes if changes is not None else []:
+            logger.info(line)
 
     device = select_device(cfg)
     torch.manual_seed(cfg.SEED_VALUE)  # the same initial weights in every process
@@ -391,7 +445,8 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     dtype = amp_dtype(cfg, device)
     if dtype is not None and "opt_level" in amp.AMP_ARGS:
         logger.info("AMP_ARGS %s are apex options; mapped to torch.autocast(%s)", dict(amp.AMP_ARGS), dtype)
-    lr_schedule = build_lr_schedule(cfg, iters_per_epoch)
+    lr_restart = _lr_restart(cfg, resume, changes, iters_per_epoch)
+    lr_schedule = build_lr_schedule(cfg, iters_per_epoch, restart=lr_restart)
 
     iteration, start_epoch, position = 0, 0, 0
     clock = _TrainClock()
@@ -419,8 +474,11 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
             return {"iteration": iteration, "run_dir": str(run_dir)}
         logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, start_epoch, iteration)
 
+    saved_at = [-1]  # the iteration of the latest checkpoint this run wrote
+
     def save(path_name: str, epoch: int, position: int) -> None:
         # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
+        saved_at[0] = iteration
         loss_states = distributed.gather_objects({k: v.cpu() for k, v in loss_fn.state_dict().items()})
         if not main_process:
             return
@@ -436,9 +494,11 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
             "epoch": epoch,
             "position": position,  # samples of `epoch` each rank has consumed
             "train_seconds": clock.seconds(),
+            "lr_restart": list(lr_restart) if lr_restart else None,
             "config": to_yaml(cfg),
         }
-        checkpoint.save_atomic(state, run_dir / path_name)
+        checkpoint.check_finite(state["model"], [], iteration)
+        _save_logged(state, run_dir / path_name, keep_previous=True)
 
     runlog = RunLogger(run_dir, enabled=main_process)
     num_prototypes = min(cfg.LOSS.swav_loss.num_prototypes)
@@ -497,6 +557,8 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                         break
                 bar.close()
                 position = 0
+                # Every rank replaced its own share of unreadable images: the summary counts them all.
+                replaced = round(distributed.mean_over_ranks(torch.tensor(float(replaced), device=device)).item() * world_size)
                 runlog.epoch_summary(epoch, replaced)
                 last = epoch + 1 == cfg.OPTIMIZER.num_epochs
                 if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or last:
@@ -510,15 +572,18 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
                         distributed.barrier()
         except (_StopRequested, KeyboardInterrupt) as e:
             stopped = True
-            save(checkpoint.CHECKPOINT_NAME, epoch, position)
+            if saved_at[0] != iteration:  # else the same state is on disk, and the previous one stays
+                save(checkpoint.CHECKPOINT_NAME, epoch, position)
             logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", e or "interrupt", iteration)
     if stopped:
         runlog.close()
         return {"iteration": iteration, "run_dir": str(run_dir), "stopped": True}
 
     if main_process:
-        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "model": core.state_dict(),
-                                "iteration": iteration, "config": to_yaml(cfg)}, run_dir / checkpoint.FINAL_NAME)
+        final = {"format_version": checkpoint.FORMAT_VERSION, "model": core.state_dict(),
+                 "iteration": iteration, "config": to_yaml(cfg)}
+        checkpoint.check_finite(final["model"], [], iteration)
+        _save_logged(final, run_dir / checkpoint.FINAL_NAME)
     summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
         if main_process:
@@ -528,6 +593,34 @@ def train(cfg: DictConfig, stop_after_iters: int | None = None) -> dict:
     runlog.close()
     logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
     return summary
+
+
+def _lr_restart(cfg: DictConfig, resume: dict | None, changes, iters_per_epoch: int) -> tuple[int, float] | None:
+    """Where the cosine LR restarts from when a resume changed the number of epochs.
+
+    Kept in the checkpoint, so that later resumes of the lengthened run follow the same schedule.
+    During warm-up nothing restarts: the warm-up does not depend on the run's length.
+    """
+    if resume is None:
+        return None
+    restart = tuple(resume["lr_restart"]) if resume.get("lr_restart") else None
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    iteration = resume["iteration"]
+    if changes is None or changes.num_epochs is None or lr.name != "cosine":
+        return restart
+    if iteration < lr.warmup_epochs * iters_per_epoch:
+        return restart
+    old = build_lr_schedule(cfg, iters_per_epoch, num_epochs=changes.num_epochs[0], restart=restart)
+    return iteration, float(old[min(iteration, len(old) - 1)])
+
+
+def _save_logged(state: dict, path: Path, keep_previous: bool = False) -> None:
+    try:
+        checkpoint.save_atomic(state, path, keep_previous=keep_previous)
+    except checkpoint.CheckpointError as e:
+        # The command prints the message; log.txt keeps it too.
+        logger.error("%s", e, extra={"console": False})
+        raise
 
 
 def build_knn_data(cfg: DictConfig) -> tuple:

@@ -9,12 +9,17 @@ Every format reduces to one plain state dict with torchvision's ResNet names (``
 - the official SwAV release: keys prefixed ``module.``, ``projection_head.*`` and
   ``prototypes*`` dropped; a ``state_dict`` wrapper is looked into;
 - VISSL: ``classy_state_dict -> base_model -> model -> trunk`` with ``_feature_blocks.<name>``.
+
+Files are read with ``torch.load(weights_only=True)``: tensors, containers, numbers and strings.
+A pickle that needs any other Python object is refused unless the caller passes
+``trust_pickle=True``, because unpickling can run arbitrary code from the file.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,36 @@ _DROPPED = ("fc.", "heads.", "projection_head.", "prototypes")
 _OPTIONAL = ("num_batches_tracked",)  # BN counters: absent from old checkpoints, unused in eval
 
 
-def load_file(path: str | Path) -> Any:
-    """``torch.load`` on the CPU; tensors-only first, full unpickling only when that fails."""
+class UntrustedPickleError(ValueError):
+    """A weights file whose pickle builds Python objects other than tensors and containers.
+
+    A ValueError, so the commands report it as one line like any other unusable weights file.
+    """
+
+
+def _refused_object(error: Exception) -> str:
+    """What torch's safe unpickler stopped at (``argparse.Namespace``, ``getattr``...), if it says."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f" (the first one refused: {found.group(1)})" if found else ""
+
+
+def _refusal(path: Path, error: Exception) -> UntrustedPickleError:
+    return UntrustedPickleError(
+        f"refusing to load {path}: it holds pickled Python objects besides tensors"
+        f"{_refused_object(error)}, and unpickling them could run any code from the file on this "
+        "machine. If it is a legacy checkpoint from a source you trust, opt in with "
+        "config.MODEL.WEIGHTS_INIT.TRUST_PICKLE=true (evaluation commands) or swav export "
+        "--trust-pickle; better, export it once to a plain state dict or .safetensors and use that"
+    )
+
+
+def load_file(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """``torch.load`` on the CPU, tensors and plain containers only.
+
+    A file whose pickle needs other Python objects is refused (UntrustedPickleError): unpickling
+    them can run arbitrary code. ``trust_pickle=True`` loads such a file with full unpickling,
+    with a warning; plain files load the safe way either way.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
@@ -44,10 +77,16 @@ def load_file(path: str | Path) -> Any:
         return load_safetensors(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # VISSL and older checkpoints pickle Python objects next to the tensors.
-        logger.warning("%s holds Python objects besides tensors; loading it with full unpickling "
-                       "(only do this with files you trust)", path)
+    except pickle.UnpicklingError as e:
+        if not _refused_object(e):  # bytes that are no pickle at all, not an object refused
+            raise ValueError(f"{path} is not a torch weights file (or it is damaged)") from None
+        if not trust_pickle:
+            raise _refusal(path, e) from None
+        logger.warning(
+            "%s holds pickled Python objects besides tensors%s; loading it with full unpickling "
+            "because it is trusted, which can run any code from the file on this machine",
+            path, _refused_object(e),
+        )
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -124,13 +163,14 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_trunk_weights(trunk: nn.Module, path: str | Path) -> dict:
+def load_trunk_weights(trunk: nn.Module, path: str | Path, *, trust_pickle: bool = False) -> dict:
     """Load ``path`` (any format of this module) into ``trunk``, strictly.
 
     Returns ``{"format": ..., "tensors": n}``. Raises ValueError naming the missing, unexpected
-    and wrongly shaped keys when the file does not fit the trunk.
+    and wrongly shaped keys when the file does not fit the trunk, and UntrustedPickleError (a
+    ValueError) for a pickle that needs arbitrary objects unless ``trust_pickle`` (see load_file).
     """
-    obj = load_file(path)
+    obj = load_file(path, trust_pickle=trust_pickle)
     try:
         state, fmt = trunk_state_dict(obj)
     except ValueError as e:
@@ -164,19 +204,21 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> dict:
     return {"format": fmt, "tensors": len(state)}
 
 
-def export_trunk(checkpoint_path: str | Path, output_path: str | Path) -> dict:
+def export_trunk(
+    checkpoint_path: str | Path, output_path: str | Path, *, trust_pickle: bool = False
+) -> dict:
     """Write the trunk of any supported file as a plain state dict with torchvision names.
 
     ``.torch`` / ``.pth`` / ``.pt`` (torch.save). The result loads into torchvision with
     ``m = torchvision.models.resnet50(); m.fc = torch.nn.Identity(); m.load_state_dict(sd)``
     (for a trunk trained with ``SMALL_STEM`` the stem differs from torchvision's).
     ``.safetensors``: the same tensors in the safetensors format (no pickled code; loads with
-    ``safetensors.torch.load_file``).
+    ``safetensors.torch.load_file``). ``trust_pickle``: as in load_file, for the input only.
     """
     output_path = Path(output_path).expanduser()
     if output_path.suffix not in (".torch", ".pth", ".pt", ".safetensors"):
         raise ValueError(f"{output_path}: use a .torch, .pth, .pt or .safetensors file name")
-    state, fmt = trunk_state_dict(load_file(checkpoint_path))
+    state, fmt = trunk_state_dict(load_file(checkpoint_path, trust_pickle=trust_pickle))
     # contiguous + clone: no channels-last strides and no shared storage with the optimizer state.
     state = {k: v.detach().contiguous().clone() for k, v in sorted(state.items())}
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,15 @@
 """Data: image datasets (folder, file list, built-in synthetic), multi-crop transforms, loaders."""
 
 from swav.data.datasets import (
+    DECODE_ERRORS,
     ConcatImageDataset,
     FileListDataset,
     ImageFolderDataset,
     LimitedDataset,
     RobustDataset,
     load_rgb,
+    missing_files,
+    to_rgb,
 )
 from swav.data.loader import (
     DATA_SOURCES,
@@ -21,6 +24,7 @@ from swav.data.transforms import TRANSFORM_NAMES, MultiCropTransform, build_tran
 
 __all__ = [
     "DATA_SOURCES",
+    "DECODE_ERRORS",
     "TRANSFORM_NAMES",
     "ConcatImageDataset",
     "FileListDataset",
@@ -35,5 +39,7 @@ __all__ = [
     "build_transforms",
     "collate_multicrop",
     "load_rgb",
+    "missing_files",
     "mix_seed",
+    "to_rgb",
 ]

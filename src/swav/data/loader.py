@@ -76,8 +76,9 @@ class MultiCropDataset:
             return self.transform(img, generator)
 
         # The transform decodes the file itself (at the scale its crops need), inside the
-        # bad-file handling.
-        crops, label, replaced = self.base.load(index, augment)
+        # bad-file handling. A replaced file's path goes to log.txt only: the training loop
+        # counts the flags and prints one line per epoch (RunLogger.epoch_summary).
+        crops, label, replaced = self.base.load(index, augment, console=False)
         return crops, label, index, replaced
 
 
@@ -155,11 +156,12 @@ def _one_source(
     synthetic_image_size: int,
     synthetic_num_classes: int,
     seed: int,
+    max_missing_fraction: float,
 ):
     if source == "disk_folder":
         return ImageFolderDataset(path)
     if source == "disk_filelist":
-        return FileListDataset(path)
+        return FileListDataset(path, max_missing_fraction)
     if source == "synthetic":
         from swav.data.synthetic import SyntheticShapes
 
@@ -185,10 +187,13 @@ def build_dataset(
     synthetic_num_classes: int = 10,
     seed: int = 0,
     max_consecutive_failures: int = 50,
+    max_missing_fraction: float = 0.01,
 ) -> RobustDataset:
     """One dataset from VISSL-style ``DATA_SOURCES`` / ``DATA_PATHS`` (one source per path, or
     one source for all paths). Items are ``(image, label, replaced)``; see RobustDataset.
-    ``limit`` >= 0 keeps the first ``limit`` images (``DATA_LIMIT``)."""
+    ``limit`` >= 0 keeps the first ``limit`` images (``DATA_LIMIT``). A file list with more
+    than ``max_missing_fraction`` of its files missing raises (``DATA.MAX_MISSING_FRACTION``,
+    see FileListDataset)."""
     sources, paths = list(sources), list(paths)
     if not paths:
         raise ValueError("no data paths given")
@@ -201,8 +206,13 @@ def build_dataset(
     for source in sources:  # before touching the disk, so a typo fails fast
         if source not in DATA_SOURCES:
             raise ValueError(f"unknown data source {source!r}; allowed: {', '.join(DATA_SOURCES)}")
+    if not 0.0 <= max_missing_fraction <= 1.0:  # whatever the sources, so a typo never waits
+        raise ValueError(f"max_missing_fraction must be in [0, 1], got {max_missing_fraction}")
     parts = [
-        _one_source(s, p, synthetic_num_images, synthetic_image_size, synthetic_num_classes, seed)
+        _one_source(
+            s, p, synthetic_num_images, synthetic_image_size, synthetic_num_classes, seed,
+            max_missing_fraction,
+        )
         for s, p in zip(sources, paths, strict=True)
     ]
     dataset = parts[0] if len(parts) == 1 else ConcatImageDataset(parts)

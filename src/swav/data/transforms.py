@@ -27,6 +27,8 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torch import Tensor
 
+from swav.data.datasets import to_rgb
+
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
 _CROP_ATTEMPTS = 10  # as torchvision: then fall back to a centre crop
 _DRAFT_SCALES = (8, 4, 2)  # the JPEG decoder's DCT scalings
@@ -88,8 +90,7 @@ def decode_for_crops(
     scale = draft_scale(boxes, sizes)
     drafted = img.draft("RGB", (width // scale, height // scale)) if scale > 1 else None
     img.load()  # a corrupt file fails here, inside the dataset's bad-file handling
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)  # 16-bit and float images scaled by their range, not clipped
     # draft() reports the original extent in the new coordinates; its scale may be smaller than
     # asked (or 1 for a non-JPEG), never larger.
     return img, (width / drafted[1][2] if drafted else 1.0)

@@ -67,8 +67,8 @@ def build_eval_trunk(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
         logger.info("config.MODEL.WEIGHTS_INIT.PARAMS_FILE is empty: random-init trunk (the baseline)")
         return trunk, "random init"
     try:
-        load_trunk_weights(trunk, path)
-    except ValueError as e:
+        load_trunk_weights(trunk, path, trust_pickle=bool(cfg.MODEL.WEIGHTS_INIT.TRUST_PICKLE))
+    except ValueError as e:  # a file that does not fit, or a pickle refused as unsafe
         raise ConfigError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {e}") from None
     return trunk, str(path)
 
@@ -446,7 +446,7 @@ def svm_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    """`swav export WEIGHTS OUTPUT`: the trunk as a plain torchvision-style state dict."""
+    """`swav export WEIGHTS OUTPUT [--trust-pickle]`: the trunk as a plain torchvision-style state dict."""
     from swav.weights import export_trunk
 
     parser = argparse.ArgumentParser(
@@ -456,10 +456,15 @@ def export_main(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="e.g. checkpoints/quickstart/model_final_checkpoint.torch")
     parser.add_argument("output", help="e.g. trunk.pth")
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="load a legacy checkpoint whose pickle holds Python objects besides tensors; loading "
+        "it can run any code from the file on this machine, so only for files you trust",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        info = export_trunk(args.checkpoint, args.output)
+        info = export_trunk(args.checkpoint, args.output, trust_pickle=args.trust_pickle)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(json.dumps(info, indent=2))

@@ -61,12 +61,26 @@ def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
     return out
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        # Never pickle: unpickling an object array can run any code from the file.
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise ValueError(f"{path}: {e}") from None
+        raise ValueError(
+            f"{path}: refusing to load it: it holds pickled Python objects (an object array), and "
+            "unpickling them could run code from the file. Save the matrix as numbers, "
+            "np.save(path, labels.astype(np.int64)), or as a .txt matrix"
+        ) from None
+
+
 def load_label_matrix(path: str | Path, num_rows: int) -> np.ndarray:
     """A ``.npy`` or whitespace-separated ``.txt`` matrix ``[N, C]`` of 1 / 0 / -1, rows in dataset order."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"label matrix {str(path)!r} does not exist")
-    matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+    matrix = _load_npy(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
     matrix = np.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != num_rows:
         raise ValueError(f"{path}: expected a [{num_rows}, num_classes] matrix (one row per image), got {matrix.shape}")

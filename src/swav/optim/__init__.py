@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from swav.optim.larc import LARC
-from swav.optim.schedules import constant_schedule, cosine_schedule, step_schedule
+from swav.optim.schedules import constant_schedule, continue_cosine, cosine_schedule, step_schedule
 
-__all__ = ["LARC", "constant_schedule", "cosine_schedule", "param_groups", "step_schedule"]
+__all__ = ["LARC", "constant_schedule", "continue_cosine", "cosine_schedule", "param_groups", "step_schedule"]
 
 
 def param_groups(

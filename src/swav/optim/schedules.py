@@ -49,3 +49,16 @@ def step_schedule(
 def constant_schedule(value: float, total_iters: int) -> np.ndarray:
     _check_lengths(total_iters)
     return np.full(total_iters, value, dtype=np.float64)
+
+
+def continue_cosine(schedule: np.ndarray, from_iter: int, value: float, final_value: float) -> np.ndarray:
+    """``schedule`` before ``from_iter``, then a half cosine from ``value`` to ``final_value`` at its end.
+
+    A run whose length changes mid-way (a resume with another number of epochs) continues from
+    the LR it had instead of jumping to where the new, longer cosine would be at that iteration.
+    """
+    out = np.array(schedule, dtype=np.float64)
+    tail = len(out) - from_iter
+    if tail > 0:
+        out[from_iter:] = cosine_schedule(value, final_value, tail)
+    return out

@@ -183,6 +183,10 @@ def gallery_mosaic(
             fontsize=9,
             color="#111827",
             linespacing=1.4,
+            # Captions carry class folder names: shown literally, never parsed as mathtext or TeX
+            # (a "$" or a backslash in a folder name would otherwise break or garble the figure).
+            parse_math=False,
+            usetex=False,
         )
     _save(fig, path)
 
