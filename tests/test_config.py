@@ -247,3 +247,139 @@ def test_multistep_and_constant_schedules_follow_warm_up():
                        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=256"])
     lr = build_lr_schedule(cfg, 10)
     assert len(lr) == 30 and lr[9] < 0.3 and all(v == pytest.approx(0.3) for v in lr[10:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Values that used to crash late (a ZeroDivisionError after the first epoch, a launcher that
+# starts -1 processes) are refused by load_config, naming the key and its valid range.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("config.CHECKPOINT.CHECKPOINT_FREQUENCY=0",
+         "config.CHECKPOINT.CHECKPOINT_FREQUENCY=0: must be an integer >= 1 (epochs between checkpoints)"),
+        ("config.LOG_FREQUENCY=0", "config.LOG_FREQUENCY=0: must be an integer >= 1 (iterations between log lines)"),
+        ("config.DATA.NUM_DATALOADER_WORKERS=-1", "config.DATA.NUM_DATALOADER_WORKERS=-1: must be an integer in [0, 256]"),
+        ("config.SEED_VALUE=-1", "config.SEED_VALUE=-1: must be an integer in [0, 4294967295]"),
+        ("config.OPTIMIZER.num_epochs=0", "config.OPTIMIZER.num_epochs=0: must be an integer in [1, 100000]"),
+        ("config.DISTRIBUTED.NUM_NODES=0", "config.DISTRIBUTED.NUM_NODES=0: must be an integer in [1, 100000]"),
+        ("config.DISTRIBUTED.NODE_ID=-1", "config.DISTRIBUTED.NODE_ID=-1: must be an integer >= 0"),
+        ("config.DISTRIBUTED.NODE_ID=1", "config.DISTRIBUTED.NODE_ID=1: must be an integer in [0, NUM_NODES - 1] = [0, 0]"),
+        ("config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=0",
+         "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=0: must be -1 or an integer >= 1 (iterations between extra checkpoints; -1: off)"),
+        ("config.LOSS.swav_loss.temperature=0", "config.LOSS.swav_loss.temperature=0.0: must be a number > 0"),
+        ("config.OPTIMIZER.momentum=1.0", "config.OPTIMIZER.momentum=1.0: must be a number in [0, 1)"),
+        ("config.DATA.TRAIN.DATA_LIMIT=0", "config.DATA.TRAIN.DATA_LIMIT=0: must be -1 or an integer >= 1"),
+        ("config.DATA.SYNTHETIC.NUM_CLASSES=11", "config.DATA.SYNTHETIC.NUM_CLASSES=11: must be an integer in [2, 10]"),
+        ("config.EVAL.KNN.K=[20, 0]", "config.EVAL.KNN.K[1]=0: must be an integer >= 1 (neighbours that vote)"),
+        ("config.EVAL.SVM.CV_FOLDS=1", "config.EVAL.SVM.CV_FOLDS=1: must be an integer >= 2"),
+        ("config.LOG_FREQUENCY=null", "config.LOG_FREQUENCY=None: must be an integer >= 1"),
+        ('config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [2048, 0, 128], "num_clusters": [3000]}]]',
+         "config.MODEL.HEAD.PARAMS: swav_head dims[1]=0: must be an integer in [1, 131072]"),
+        ('config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [2048, 2048, 128], "num_clusters": [-5]}]]',
+         "config.MODEL.HEAD.PARAMS: swav_head num_clusters[0]=-5: must be an integer in [1, 131072]"),
+        ("config.MODEL.TRUNK.RESNETS.GROUPS=32", "ResNet-18 has basic blocks, which need GROUPS=1 and WIDTH_PER_GROUP=64"),
+        ("config.OPTIMIZER.nesterov=true", None),  # momentum 0.9: fine
+        ("config.LOSS.swav_loss.crops_for_assign=[1, 1]", "each entry must be a different crop index"),
+    ],
+)
+def test_out_of_range_values_are_config_errors(override, message):
+    args = ["config.MODEL.TRUNK.RESNETS.DEPTH=18"] if "GROUPS" in override else []
+    if message is None:
+        load_config([*args, override])
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([*args, override])
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match=r"nesterov=true needs config.OPTIMIZER.momentum > 0"):
+        load_config(["config.OPTIMIZER.nesterov=true", "config.OPTIMIZER.momentum=0"])
+
+
+CROPS = ('{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], "size_crops": [%s], '
+         '"crop_scales": [%s]}')
+
+
+@pytest.mark.parametrize(
+    "transforms,message",
+    [
+        (f"[{CROPS % ('32', '[0.3, 1.5]')}]", "ImgPilToMultiCrop crop_scales[0][1]=1.5: must be a number in (0, 1]"),
+        (f"[{CROPS % ('32', '[0.0, 1.0]')}]", "ImgPilToMultiCrop crop_scales[0][0]=0.0: must be a number in (0, 1]"),
+        (f"[{CROPS % ('32', '[0.8, 0.3]')}]", "ImgPilToMultiCrop crop_scales entry [0.8, 0.3] must be [low, high] with low <= high"),
+        (f"[{CROPS % ('0', '[0.3, 1.0]')}]", "ImgPilToMultiCrop size_crops[0]=0: must be an integer in [1, 4096]"),
+        (f"[{CROPS % ('32', '[0.3, 1.0]')}, " '{"name": "ImgPilGaussianBlur", "p": 0.5, "radius_min": 3.0, "radius_max": 2.0}]',
+         "ImgPilGaussianBlur radius_min=3.0 is larger than radius_max=2.0"),
+        (f"[{CROPS % ('32', '[0.3, 1.0]')}, " '{"name": "RandomHorizontalFlip", "p": 2.0}]',
+         "RandomHorizontalFlip p=2.0: must be a number in [0, 1] (probability)"),
+        (f"[{CROPS % ('32', '[0.3, 1.0]')}, " '{"name": "ToTensor"}, {"name": "Normalize", "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}]',
+         "Normalize std[1]=0.0: must be a number in (0, 1]"),
+    ],
+)
+def test_transform_values_out_of_range_are_config_errors(transforms, message):
+    with pytest.raises(ConfigError, match=re.escape(f"config.DATA.TRAIN.TRANSFORMS: {message}")):
+        load_config([f"config.DATA.TRAIN.TRANSFORMS={transforms}"])
+
+
+@pytest.mark.parametrize("procs", [0, -1])
+def test_swav_train_with_no_processes_is_a_config_error(procs, tmp_path, capsys):
+    from swav.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}", f"config.CHECKPOINT.DIR={run}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"swav: config error: config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}: must be an integer in [1, 1024]")
+    assert len(err.strip().splitlines()) == 1
+    assert not run.exists()  # refused before anything is written
+
+
+def test_every_range_names_a_key_of_the_defaults():
+    from swav.config.compose import package_config_dir, read_yaml
+    from swav.config.infer import HEAD_RANGES, RANGES, TRANSFORM_RANGES, _entries
+
+    defaults = read_yaml(package_config_dir() / "defaults.yaml")
+    # An entry for a list key names a list; the defaults may hold it empty (milestones: []).
+    missing = [path for path in RANGES if not _entries(defaults, path.replace("[]", ""))]
+    assert not missing
+    assert set(TRANSFORM_RANGES) == {"ImgPilToMultiCrop", "RandomHorizontalFlip", "ImgPilColorDistortion",
+                                     "ImgPilGaussianBlur", "Normalize"}
+    assert set(HEAD_RANGES) == {"dims[]", "num_clusters[]"}
+    # The defaults themselves, and every packaged experiment, are within range.
+    load_config([])
+    for name in available_configs():
+        if "/" not in name or name.rsplit("/", 2)[-2] not in ("models", "transforms", "heads", "optimization"):
+            load_config([f"config={name}"])
+
+
+def test_range_specs_read_as_written():
+    from swav.config.infer import Range
+
+    assert Range(int, ">= 1", "x").describe() == "an integer >= 1"
+    assert Range(float, "[0, 1)", "x").describe() == "a number in [0, 1)"
+    assert Range(int, "-1 or >= 1", "x").describe() == "-1 or an integer >= 1"
+    momentum = Range(float, "[0, 1)", "x")
+    assert momentum.admits(0) and momentum.admits(0.99) and not momentum.admits(1.0) and not momentum.admits(-0.1)
+    positive = Range(float, "(0, 1]", "x")
+    assert positive.admits(1) and not positive.admits(0.0)
+    frequency = Range(int, "-1 or >= 1", "x")
+    assert frequency.admits(-1) and frequency.admits(5) and not frequency.admits(0) and not frequency.admits(-2)
+    assert not positive.admits(float("inf")) and not positive.admits(float("nan"))
+    assert Range(int, "[1, 10]", "x").admits(10) and not Range(int, "[1, 10]", "x").admits(10**400)
+    # Types: an int is a valid float; a float, a bool or None is not a valid int.
+    assert not frequency.admits(2.0) and not frequency.admits(True) and not frequency.admits(None)
+    with pytest.raises(ValueError, match="cannot read the range"):
+        Range(int, "at least 1", "x").admits(1)
+
+
+def test_launcher_process_counts_are_checked_like_the_config():
+    from swav.distributed import DistEnv
+    from swav.launch import config_for_launcher
+
+    for world, local in ((4, 0), (6, 4)):
+        with pytest.raises(ConfigError, match="give every node the same number of processes, at least one"):
+            config_for_launcher([], DistEnv(world_size=world, local_world_size=local, launcher="torchrun"))
+    cfg = config_for_launcher([], DistEnv(world_size=8, local_world_size=4, launcher="torchrun"))
+    assert (cfg.DISTRIBUTED.NUM_NODES, cfg.DISTRIBUTED.NUM_PROC_PER_NODE) == (2, 4)

@@ -302,3 +302,11 @@ def test_unreadable_images_are_counted_over_ranks_and_logged_by_each(tmp_path):
     assert any("[rank 1]" in line for line in per_image) and any("[rank" not in line for line in per_image)
     # The console has the summary, not the paths.
     assert "unreadable image " not in proc.stdout + proc.stderr
+
+
+def test_a_bad_transform_is_a_config_error_before_anything_is_written(tmp_path):
+    bad = ('config.DATA.TRAIN.TRANSFORMS=[{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], '
+           '"size_crops": [16], "crop_scales": [[0.3, 1]]}, {"name": "NoSuchTransform"}, {"name": "ToTensor"}]')
+    with pytest.raises(ConfigError, match="config.DATA.TRAIN.TRANSFORMS: .*NoSuchTransform"):
+        train(tiny(tmp_path, bad))
+    assert not (tmp_path / "train_config.yaml").exists()

@@ -35,16 +35,17 @@ def config_for_launcher(overrides: list[str], env: DistEnv) -> DictConfig:
     cfg = load_config(overrides)
     if world_size_of(cfg) == env.world_size:
         return cfg
-    if env.world_size % env.local_world_size == 0:
-        cfg = load_config(list(overrides) + [
-            f"config.DISTRIBUTED.NUM_NODES={env.num_nodes}",
-            f"config.DISTRIBUTED.NUM_PROC_PER_NODE={env.local_world_size}",
-        ])
-    else:
+    # The launcher's counts are checked too: NUM_NODES x NUM_PROC_PER_NODE describes only equal
+    # nodes of at least one process (and a node of 0 would divide by zero here).
+    if env.world_size < 1 or env.local_world_size < 1 or env.world_size % env.local_world_size:
         raise distributed.ConfigError(
             f"{env.launcher} started {env.world_size} processes, {env.local_world_size} on this node: "
-            "give every node the same number of processes"
+            "give every node the same number of processes, at least one"
         )
+    cfg = load_config(list(overrides) + [
+        f"config.DISTRIBUTED.NUM_NODES={env.num_nodes}",
+        f"config.DISTRIBUTED.NUM_PROC_PER_NODE={env.local_world_size}",
+    ])
     if env.rank == 0:
         logging.getLogger("swav").warning(
             "%s started %d processes (%d nodes x %d): config.DISTRIBUTED set to match; global batch %d",

@@ -80,7 +80,10 @@ def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1, key: st
 def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.device):
     data = cfg.DATA.TRAIN
     dataset = build_dataset_from(cfg, data.DATA_SOURCES, data.DATA_PATHS, data.DATA_LIMIT)
-    transform = build_transforms(OmegaConf.to_container(data.TRANSFORMS))
+    try:
+        transform = build_transforms(OmegaConf.to_container(data.TRANSFORMS))
+    except ValueError as e:
+        raise ConfigError(f"config.DATA.TRAIN.TRANSFORMS: {e}") from e
     multicrop = MultiCropDataset(dataset, transform, seed=cfg.SEED_VALUE)
     sampler = ResumableSampler(
         len(multicrop), seed=cfg.SEED_VALUE, shuffle=True, rank=rank, world_size=world_size, drop_last=True
@@ -422,10 +425,6 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         changes = compare_configs(saved_config(resume), OmegaConf.to_container(cfg),
                                   world_size_changed=saved_world != world_size)
         notes = check_resume(changes, str(ckpt_path), accept=cfg.CHECKPOINT.RESUME_CHANGED)
-    if main_process:
-        _write_train_config(cfg, run_dir, changed=changes is not None and changes.any)
-        for line in notes if changes is not None else []:
-            logger.info(line)
 
     device = select_device(cfg)
     torch.manual_seed(cfg.SEED_VALUE)  # the same initial weights in every process
@@ -441,6 +440,12 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         model = wrap_distributed(cfg, model, device)
     ctx = build_step_context(cfg, model, device)
     core, loss_fn, optimizer, scaler = unwrap(model), ctx.loss_fn, ctx.optimizer, ctx.scaler
+    # Only now that data, model and objective are built (each may refuse the config) does the run
+    # folder get this run's config.
+    if main_process:
+        _write_train_config(cfg, run_dir, changed=changes is not None and changes.any)
+        for line in notes if changes is not None else []:
+            logger.info(line)
     amp = cfg.MODEL.AMP_PARAMS
     dtype = amp_dtype(cfg, device)
     if dtype is not None and "opt_level" in amp.AMP_ARGS:

@@ -1,14 +1,25 @@
-"""Every derived config value, computed in one visible place (STYLE.md 6).
+"""Every derived config value, computed in one visible place, and every value checked first.
 
 `infer` is a pure function: it returns a new dict and can be applied to its own output (a
 saved `train_config.yaml` re-infers to itself), because it only writes the keys marked
 "inferred" in defaults.yaml and reads the user's values from the others.
+
+Before inferring anything it checks each number against its valid range (the RANGES tables
+below), so that a value which would crash hours into a run (a zero frequency, a negative
+worker count) is refused by `load_config`, before anything is written.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from swav.config.compose import ConfigError
 from swav.models import (
@@ -23,6 +34,211 @@ from swav.models import (
 logger = logging.getLogger("swav")
 
 RESNET_DEPTHS = tuple(sorted(RESNET_ARCHS))
+BASIC_BLOCK_DEPTHS = (18, 34)  # torchvision's BasicBlock has no groups or group width
+
+
+# ----------------------------------------------------------------------------------------------
+# Valid ranges, as data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one number, written the way the error message says them.
+
+    `spec` is one or more alternatives joined by " or ": an interval "[0, 1)", a bound ">= 1"
+    or "> 0", or a single special value "-1" (a value that means something, like "off").
+    """
+
+    kind: type  # int or float (an int is a valid float)
+    spec: str
+    what: str  # what the number is, so the message says why the range is what it is
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        # inf and nan satisfy no range a run can use (nan compares false, inf is "> 0").
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return any(accepts(value) for accepts in _alternatives(self.spec))
+
+    def describe(self) -> str:
+        parts = self.spec.split(" or ")
+        special = [p for p in parts if _NUMBER.fullmatch(p)]
+        ranges = [f"in {p}" if p[0] in "[(" else p for p in parts if not _NUMBER.fullmatch(p)]
+        text = f"{'an integer' if self.kind is int else 'a number'} {' or '.join(ranges)}"
+        return " or ".join([*special, text]) if special else text
+
+
+_NUMBER = re.compile(r"-?\d+(\.\d*)?(e[-+]?\d+)?")
+_INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
+_BOUND = re.compile(r"(>=|>|<=|<) (\S+)")
+# Operators, not float methods: an integer too large for a float still compares exactly.
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+@functools.cache
+def _alternatives(spec: str) -> tuple[Callable[[float], bool], ...]:
+    """The spec's alternatives as predicates (parsed once per spec)."""
+    tests = []
+    for part in spec.split(" or "):
+        if interval := _INTERVAL.fullmatch(part):
+            opening, low, high, closing = interval.groups()
+            lo, hi = float(low), float(high)
+            tests.append(lambda v, lo=lo, hi=hi, lo_open=opening == "(", hi_open=closing == ")":
+                         (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi))
+        elif bound := _BOUND.fullmatch(part):
+            compare, limit = _COMPARE[bound[1]], float(bound[2])
+            tests.append(lambda v, compare=compare, limit=limit: compare(v, limit))
+        elif _NUMBER.fullmatch(part):
+            tests.append(lambda v, special=float(part): v == special)
+        else:
+            raise ValueError(f"cannot read the range {spec!r}")
+    return tuple(tests)
+
+
+# Upper bounds are generous: far above any real run, low enough that a typo (1e9 for 1e3)
+# is refused here instead of allocating memory or looping for days. Learning rates have none:
+# too large a rate makes the loss NaN within a few steps, and training stops with that advice.
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIDE = 4096
+MAX_WIDTH = 2**17  # head widths and prototypes: the guide's widest is 10444, the paper's most prototypes 100000
+MAX_SYNTHETIC_IMAGES = 10_000_000  # drawn on the fly, but their labels are kept in memory
+
+# Key path -> valid range. `KEY[]` is every entry of the list KEY. A key that is absent from
+# the config is skipped, so a table entry can precede the key in defaults.yaml.
+RANGES: dict[str, Range] = {
+    # Numpy needs non-negative seeds, and scikit-learn (the SVMs) 32-bit ones.
+    "SEED_VALUE": Range(int, f"[0, {2**32 - 1}]", "seeds weight init, data order and augmentations"),
+    "LOG_FREQUENCY": Range(int, ">= 1", "iterations between log lines"),
+    "DATA.NUM_DATALOADER_WORKERS": Range(int, "[0, 256]", "loader processes per training process; 0: none"),
+    "DATA.MAX_MISSING_FRACTION": Range(float, "[0, 1]", "fraction of listed files that may be missing"),
+    "DATA.TRAIN.DATA_LIMIT": Range(int, "-1 or >= 1", "use only the first N images; -1: all"),
+    "DATA.TRAIN.BATCHSIZE_PER_REPLICA": Range(int, ">= 1", "images per process per iteration"),
+    "DATA.TEST.DATA_LIMIT": Range(int, "-1 or >= 1", "use only the first N images; -1: all"),
+    "DATA.SYNTHETIC.NUM_IMAGES_TRAIN": Range(int, f"[1, {MAX_SYNTHETIC_IMAGES}]", "images in the synthetic train split"),
+    "DATA.SYNTHETIC.NUM_IMAGES_TEST": Range(int, f"[1, {MAX_SYNTHETIC_IMAGES}]", "images in the synthetic test split"),
+    "DATA.SYNTHETIC.IMAGE_SIZE": Range(int, f"[8, {MAX_IMAGE_SIDE}]", "side of the synthetic images in pixels"),
+    "DATA.SYNTHETIC.NUM_CLASSES": Range(int, "[2, 10]", "shape classes; the synthetic data has 10"),
+    "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER": Range(int, "[1, 64]", "scales every ResNet width; the paper's widest is 5"),
+    "MODEL.TRUNK.RESNETS.GROUPS": Range(int, "[1, 1024]", "ResNeXt cardinality; 1: ResNet"),
+    "MODEL.TRUNK.RESNETS.WIDTH_PER_GROUP": Range(int, "[1, 1024]", "ResNeXt group width; 64: ResNet"),
+    "MODEL.TRUNK.REGNET.stem_width": Range(int, "[1, 1024]", "channels of the RegNet stem"),
+    "MODEL.SYNC_BN_CONFIG.GROUP_SIZE": Range(int, ">= -1", "-1: sync within a node, 0: all processes, N: groups of N"),
+    "LOSS.swav_loss.temperature": Range(float, "> 0", "softmax temperature"),
+    "LOSS.swav_loss.num_iters": Range(int, "[1, 1000]", "Sinkhorn iterations; 3 in the paper"),
+    "LOSS.swav_loss.epsilon": Range(float, "> 0", "Sinkhorn entropic regularisation"),
+    "LOSS.swav_loss.temp_hard_assignment_iters": Range(
+        int, ">= -1", "0: soft codes, N: hard for the first N iterations, -1: hard for the whole run"),
+    "LOSS.swav_loss.queue.queue_length": Range(int, "[0, 1000000]", "embeddings kept from past batches; 0: no queue"),
+    "LOSS.swav_loss.queue.start_iter": Range(int, ">= 0", "first iteration that uses the queue"),
+    "OPTIMIZER.momentum": Range(float, "[0, 1)", "SGD momentum"),
+    "OPTIMIZER.weight_decay": Range(float, "[0, 1]", "L2 penalty on every parameter; the paper's is 1e-6"),
+    "OPTIMIZER.larc_config.eps": Range(float, "> 0", "keeps LARC's rate finite for zero gradients"),
+    "OPTIMIZER.larc_config.trust_coefficient": Range(float, "> 0", "LARC's trust coefficient"),
+    "OPTIMIZER.num_epochs": Range(int, f"[1, {MAX_EPOCHS}]", "training epochs"),
+    "OPTIMIZER.param_schedulers.lr.warmup_start_value": Range(float, ">= 0", "LR per base_lr_batch_size images"),
+    "OPTIMIZER.param_schedulers.lr.base_value": Range(float, ">= 0", "LR per base_lr_batch_size images"),
+    "OPTIMIZER.param_schedulers.lr.end_value": Range(float, ">= 0", "LR per base_lr_batch_size images"),
+    "OPTIMIZER.param_schedulers.lr.warmup_epochs": Range(int, ">= 0", "epochs of linear warm-up"),
+    "OPTIMIZER.param_schedulers.lr.milestones[]": Range(int, ">= 0", "epochs where the LR is multiplied by gamma"),
+    "OPTIMIZER.param_schedulers.lr.gamma": Range(float, "(0, 1]", "factor on the LR at each milestone"),
+    "OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_lr_batch_size": Range(int, ">= 1", "images the LR values are given for"),
+    "DISTRIBUTED.NUM_NODES": Range(int, "[1, 100000]", "machines"),
+    "DISTRIBUTED.NUM_PROC_PER_NODE": Range(int, "[1, 1024]", "training processes per machine"),
+    "DISTRIBUTED.NODE_ID": Range(int, ">= 0", "this machine's index"),
+    "CHECKPOINT.CHECKPOINT_FREQUENCY": Range(int, ">= 1", "epochs between checkpoints"),
+    "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY": Range(int, "-1 or >= 1", "iterations between extra checkpoints; -1: off"),
+    "KNN_MONITOR.EPOCH_FREQUENCY": Range(int, ">= 0", "epochs between kNN scores; 0: only after training"),
+    "KNN_MONITOR.IMAGE_SIZE": Range(int, f"[8, {MAX_IMAGE_SIDE}]", "evaluation crop side in pixels"),
+    "KNN_MONITOR.K": Range(int, ">= 1", "neighbours that vote"),
+    "KNN_MONITOR.TEMPERATURE": Range(float, "> 0", "votes are weighted by exp(cosine / T)"),
+    "EVAL.IMAGE_SIZE": Range(int, f"[8, {MAX_IMAGE_SIDE}]", "evaluation crop side in pixels"),
+    "EVAL.BATCH_SIZE": Range(int, ">= 1", "images per forward pass"),
+    "EVAL.MEAN[]": Range(float, "[0, 1]", "channel means of images scaled to [0, 1]"),
+    "EVAL.STD[]": Range(float, "(0, 1]", "channel standard deviations of images scaled to [0, 1]"),
+    "EVAL.FEATURES.POOL_SIZE": Range(int, "[1, 64]", "side of the pooled feature map"),
+    "EVAL.KNN.K[]": Range(int, ">= 1", "neighbours that vote"),
+    "EVAL.KNN.TEMPERATURE": Range(float, "> 0", "votes are weighted by exp(cosine / T)"),
+    "EVAL.LINEAR.NUM_EPOCHS": Range(int, f"[1, {MAX_EPOCHS}]", "epochs of the linear classifier"),
+    "EVAL.LINEAR.BATCH_SIZE": Range(int, ">= 1", "images per step"),
+    "EVAL.LINEAR.LR": Range(float, ">= 0", "learning rate"),
+    "EVAL.LINEAR.STEP_DECAYS": Range(int, "[0, 10]", "divisions of the LR by 10"),
+    "EVAL.LINEAR.WEIGHT_DECAY": Range(float, "[0, 1]", "L2 penalty"),
+    "EVAL.LINEAR.MOMENTUM": Range(float, "[0, 1)", "SGD momentum"),
+    "EVAL.SEMISUP.PERCENT": Range(float, "(0, 100]", "labelled share of each class, in percent"),
+    "EVAL.SEMISUP.NUM_EPOCHS": Range(int, f"[1, {MAX_EPOCHS}]", "fine-tuning epochs"),
+    "EVAL.SEMISUP.BATCH_SIZE": Range(int, ">= 1", "images per step"),
+    "EVAL.SEMISUP.TRUNK_LR": Range(float, ">= 0", "learning rate of the trunk"),
+    "EVAL.SEMISUP.HEAD_LR": Range(float, ">= 0", "learning rate of the classifier"),
+    "EVAL.SEMISUP.LR_MILESTONES[]": Range(int, ">= 0", "epochs where both LRs are multiplied by LR_GAMMA"),
+    "EVAL.SEMISUP.LR_GAMMA": Range(float, "(0, 1]", "factor on the LRs at each milestone"),
+    "EVAL.SEMISUP.MOMENTUM": Range(float, "[0, 1)", "SGD momentum"),
+    "EVAL.SEMISUP.WEIGHT_DECAY": Range(float, "[0, 1]", "L2 penalty"),
+    # LIBLINEAR does not converge for huge costs: each fit then runs all MAX_ITER iterations.
+    "EVAL.SVM.COSTS[]": Range(float, "(0, 1000000]", "LIBLINEAR costs C"),
+    "EVAL.SVM.CV_FOLDS": Range(int, ">= 2", "cross-validation folds"),
+    "EVAL.SVM.MAX_ITER": Range(int, f"[1, {2**31 - 1}]", "LIBLINEAR iterations per fit (a C int)"),
+    "EVAL.SVM.LOW_SHOT[]": Range(int, ">= 1", "positives per class"),
+}
+
+# The same for the arguments of each transform in DATA.TRAIN.TRANSFORMS ...
+TRANSFORM_RANGES: dict[str, dict[str, Range]] = {
+    "ImgPilToMultiCrop": {
+        "total_num_crops": Range(int, ">= 2", "SwAV predicts the code of one crop from another"),
+        "num_crops[]": Range(int, ">= 0", "crops per resolution"),
+        "size_crops[]": Range(int, f"[1, {MAX_IMAGE_SIDE}]", "crop side in pixels"),
+        "crop_scales[][]": Range(float, "(0, 1]", "share of the image area a crop covers"),
+    },
+    "RandomHorizontalFlip": {"p": Range(float, "[0, 1]", "probability")},
+    "ImgPilColorDistortion": {"strength": Range(float, "[0, 2.5]", "jitter strength; the hue shift 0.2 x strength stays within 0.5")},
+    "ImgPilGaussianBlur": {
+        "p": Range(float, "[0, 1]", "probability"),
+        "radius_min": Range(float, "[0, 100]", "blur standard deviation in pixels"),
+        "radius_max": Range(float, "[0, 100]", "blur standard deviation in pixels"),
+    },
+    "Normalize": {
+        "mean[]": Range(float, "[0, 1]", "channel means of images scaled to [0, 1]"),
+        "std[]": Range(float, "(0, 1]", "channel standard deviations of images scaled to [0, 1]"),
+    },
+}
+
+# ... and of the head in MODEL.HEAD.PARAMS.
+HEAD_RANGES: dict[str, Range] = {
+    "dims[]": Range(int, f"[1, {MAX_WIDTH}]", "layer widths: trunk features, hidden layers, embedding"),
+    "num_clusters[]": Range(int, f"[1, {MAX_WIDTH}]", "prototypes per set"),
+}
+
+
+def _entries(tree: Any, path: str) -> list[tuple[str, Any]]:
+    """(name, value) of each value `path` names in `tree`, e.g. ("EVAL.KNN.K[1]", 200).
+
+    `key[]` stands for every entry of the list at `key`. An absent key, or a value that should
+    be a list and is not, gives nothing: the shape is checked where the value is used.
+    """
+    found: list[tuple[str, Any]] = [("", tree)]
+    for part in path.split("."):
+        key, depth = part.rstrip("[]"), part.count("[]")
+        level = [(f"{name}.{key}" if name else key, node[key])
+                 for name, node in found if isinstance(node, dict) and key in node]
+        for _ in range(depth):
+            level = [(f"{name}[{i}]", item) for name, node in level if isinstance(node, list)
+                     for i, item in enumerate(node)]
+        found = level
+    return found
+
+
+def check_ranges(tree: dict, table: dict[str, Range], prefix: str = "config.") -> None:
+    """Refuse the first value of `tree` outside its range in `table`, naming key and range."""
+    for path, valid in table.items():
+        for name, value in _entries(tree, path):
+            if not valid.admits(value):
+                raise ConfigError(f"{prefix}{name}={value!r}: must be {valid.describe()} ({valid.what})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections with their own structure: transforms, head, trunk
+# ----------------------------------------------------------------------------------------------
 
 
 def world_size_of(cfg: dict) -> int:
@@ -30,19 +246,45 @@ def world_size_of(cfg: dict) -> int:
     return int(dist["NUM_NODES"]) * int(dist["NUM_PROC_PER_NODE"])
 
 
+def check_transforms(transforms: list) -> None:
+    """Each transform's numbers in range, and the pairs that must be ordered, ordered.
+
+    The order and names of the transforms are checked where the data pipeline builds them.
+    """
+    where = "config.DATA.TRAIN.TRANSFORMS"
+    if not all(isinstance(t, dict) for t in transforms):
+        raise ConfigError(f"{where} must be a list of {{name: ..., arguments...}} entries")
+    for spec in transforms:
+        name = spec.get("name")
+        check_ranges(spec, TRANSFORM_RANGES.get(name, {}), prefix=f"{where}: {name} ")
+        if name == "ImgPilGaussianBlur" and spec.get("radius_min", 0.1) > spec.get("radius_max", 2.0):
+            raise ConfigError(
+                f"{where}: ImgPilGaussianBlur radius_min={spec['radius_min']} is larger than radius_max={spec['radius_max']}"
+            )
+    for scale in transforms[0]["crop_scales"]:
+        if not (isinstance(scale, list) and len(scale) == 2 and scale[0] <= scale[1]):
+            raise ConfigError(
+                f"{where}: ImgPilToMultiCrop crop_scales entry {scale!r} must be [low, high] with low <= high"
+            )
+
+
 def multicrop_spec(cfg: dict) -> dict:
     transforms = cfg["DATA"]["TRAIN"]["TRANSFORMS"]
-    if not transforms or transforms[0].get("name") != "ImgPilToMultiCrop":
+    if not transforms or not isinstance(transforms[0], dict) or transforms[0].get("name") != "ImgPilToMultiCrop":
         raise ConfigError("config.DATA.TRAIN.TRANSFORMS must start with {name: ImgPilToMultiCrop, ...}")
     spec = transforms[0]
     for key in ("total_num_crops", "num_crops", "size_crops", "crop_scales"):
         if key not in spec:
             raise ConfigError(f"config.DATA.TRAIN.TRANSFORMS: ImgPilToMultiCrop needs `{key}`")
+    for key in ("num_crops", "size_crops", "crop_scales"):
+        if not isinstance(spec[key], list):
+            raise ConfigError(f"config.DATA.TRAIN.TRANSFORMS: ImgPilToMultiCrop {key} must be a list, got {spec[key]!r}")
     if not len(spec["num_crops"]) == len(spec["size_crops"]) == len(spec["crop_scales"]):
         raise ConfigError(
             "config.DATA.TRAIN.TRANSFORMS: ImgPilToMultiCrop num_crops, size_crops and crop_scales "
             "need one entry per crop resolution"
         )
+    check_transforms(transforms)
     if sum(spec["num_crops"]) != spec["total_num_crops"]:
         raise ConfigError(
             f"config.DATA.TRAIN.TRANSFORMS: ImgPilToMultiCrop total_num_crops={spec['total_num_crops']}"
@@ -53,7 +295,7 @@ def multicrop_spec(cfg: dict) -> dict:
 
 def swav_head_params(cfg: dict) -> dict:
     params = cfg["MODEL"]["HEAD"]["PARAMS"]
-    if len(params) != 1 or len(params[0]) != 2 or params[0][0] != "swav_head":
+    if len(params) != 1 or len(params[0]) != 2 or params[0][0] != "swav_head" or not isinstance(params[0][1], dict):
         raise ConfigError(
             'config.MODEL.HEAD.PARAMS must be [["swav_head", {"dims": [...], "use_bn": true, '
             f'"num_clusters": [3000]}}]], got {params!r}'
@@ -64,10 +306,13 @@ def swav_head_params(cfg: dict) -> dict:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: swav_head does not take {sorted(unknown)}; it takes dims, use_bn, num_clusters"
         )
-    if "dims" not in head or len(head["dims"]) < 1:
+    if not isinstance(head.get("dims"), list) or len(head["dims"]) < 1:
         raise ConfigError("config.MODEL.HEAD.PARAMS: swav_head needs `dims`, e.g. [2048, 2048, 128]")
     head.setdefault("use_bn", True)
     head.setdefault("num_clusters", [3000])
+    if not isinstance(head["num_clusters"], list):
+        raise ConfigError(f"config.MODEL.HEAD.PARAMS: swav_head num_clusters must be a list, got {head['num_clusters']!r}")
+    check_ranges(head, HEAD_RANGES, prefix="config.MODEL.HEAD.PARAMS: swav_head ")
     return head
 
 
@@ -81,10 +326,6 @@ def _regnet_types(regnet: dict) -> None:
         if not ok or isinstance(value, bool):
             kind = "an integer" if key in ints else "a number"
             raise ConfigError(f"config.MODEL.TRUNK.REGNET.{key} must be {kind}, got {value!r}")
-    if not isinstance(regnet["stem_width"], int) or regnet["stem_width"] < 1:
-        raise ConfigError(
-            f"config.MODEL.TRUNK.REGNET.stem_width must be a positive integer, got {regnet['stem_width']!r}"
-        )
 
 
 def check_trunk(trunk: dict) -> None:
@@ -94,9 +335,14 @@ def check_trunk(trunk: dict) -> None:
             f"config.MODEL.TRUNK.NAME={trunk['NAME']!r} is not available; supported: {', '.join(SUPPORTED_TRUNKS)}"
         )
     if trunk["NAME"] == "resnet":
-        if trunk["RESNETS"]["DEPTH"] not in RESNET_DEPTHS:
+        r = trunk["RESNETS"]
+        if r["DEPTH"] not in RESNET_DEPTHS:
+            raise ConfigError(f"config.MODEL.TRUNK.RESNETS.DEPTH={r['DEPTH']} is not one of {RESNET_DEPTHS}")
+        if r["DEPTH"] in BASIC_BLOCK_DEPTHS and (r["GROUPS"], r["WIDTH_PER_GROUP"]) != (1, 64):
             raise ConfigError(
-                f"config.MODEL.TRUNK.RESNETS.DEPTH={trunk['RESNETS']['DEPTH']} is not one of {RESNET_DEPTHS}"
+                f"config.MODEL.TRUNK.RESNETS.GROUPS={r['GROUPS']}, WIDTH_PER_GROUP={r['WIDTH_PER_GROUP']}: "
+                f"ResNet-{r['DEPTH']} has basic blocks, which need GROUPS=1 and WIDTH_PER_GROUP=64; "
+                "use DEPTH >= 50 for ResNeXt"
             )
         return
     _regnet_types(trunk["REGNET"])
@@ -121,14 +367,48 @@ def describe_trunk(trunk: dict) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------------------
+# Rules between keys
+# ----------------------------------------------------------------------------------------------
+
+
+def check_processes(cfg: dict) -> None:
+    """This machine's index is one of the NUM_NODES."""
+    dist = cfg["DISTRIBUTED"]
+    if dist["NODE_ID"] >= dist["NUM_NODES"]:
+        raise ConfigError(
+            f"config.DISTRIBUTED.NODE_ID={dist['NODE_ID']}: must be an integer in [0, NUM_NODES - 1] = "
+            f"[0, {dist['NUM_NODES'] - 1}] (this machine's index)"
+        )
+
+
+def check_crop_sizes(cfg: dict, crops: dict) -> None:
+    # A crop must still be at least 2x2 when it enters the last stage (both trunks stride 32 with
+    # their standard stems): a 1x1 map there carries no spatial information, and oneDNN's
+    # bfloat16 backward of a strided 3x3 conv on a 1x1 input returns garbage gradients
+    # (torch 2.14 on CPU), which shows up as a NaN loss.
+    trunk = cfg["MODEL"]["TRUNK"]
+    small_stem = trunk["NAME"] == "resnet" and trunk["RESNETS"]["SMALL_STEM"]
+    smallest = 8 if small_stem else 32
+    too_small = [s for s in crops["size_crops"] if s < smallest]
+    if too_small:
+        hint = "" if small_stem or trunk["NAME"] != "resnet" else (
+            ", or use MODEL.TRUNK.RESNETS.SMALL_STEM=true for small images"
+        )
+        raise ConfigError(
+            f"config.DATA.TRAIN.TRANSFORMS: size_crops: crop size {min(too_small)} is too small for this "
+            f"{'ResNet' if trunk['NAME'] == 'resnet' else 'RegNet'} (at least {smallest} px{hint})"
+        )
+
+
 def infer(cfg: dict, world_size: int | None = None) -> dict:
     """Return a copy of `cfg` with every inferred key filled in and cross-key rules checked."""
     cfg = copy.deepcopy(cfg)
+    check_ranges(cfg, RANGES)
+    check_processes(cfg)
     world = world_size or world_size_of(cfg)
     data, loss, optim = cfg["DATA"], cfg["LOSS"]["swav_loss"], cfg["OPTIMIZER"]
     global_batch = int(data["TRAIN"]["BATCHSIZE_PER_REPLICA"]) * world
-    if global_batch < 1:
-        raise ConfigError("config.DATA.TRAIN.BATCHSIZE_PER_REPLICA must be at least 1")
 
     sources, paths = data["TRAIN"]["DATA_SOURCES"], data["TRAIN"]["DATA_PATHS"]
     if len(sources) != len(paths):
@@ -142,21 +422,7 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
 
     # The loss reads its shapes from the data and model sections, so they cannot disagree.
     crops = multicrop_spec(cfg)
-    # A crop must still be at least 2x2 when it enters the last stage (both trunks stride 32 with
-    # their standard stems): a 1x1 map there carries no spatial information, and oneDNN's
-    # bfloat16 backward of a strided 3x3 conv on a 1x1 input returns garbage gradients
-    # (torch 2.14 on CPU), which shows up as a NaN loss.
-    small_stem = trunk["NAME"] == "resnet" and trunk["RESNETS"]["SMALL_STEM"]
-    smallest = 8 if small_stem else 32
-    too_small = [s for s in crops["size_crops"] if s < smallest]
-    if too_small:
-        hint = "" if small_stem or trunk["NAME"] != "resnet" else (
-            ", or use MODEL.TRUNK.RESNETS.SMALL_STEM=true for small images"
-        )
-        raise ConfigError(
-            f"config.DATA.TRAIN.TRANSFORMS: crop size {min(too_small)} is too small for this "
-            f"{'ResNet' if trunk['NAME'] == 'resnet' else 'RegNet'} (at least {smallest} px{hint})"
-        )
+    check_crop_sizes(cfg, crops)
     head = swav_head_params(cfg)
     # Computed from the architecture's arithmetic, so checking a 10444-wide RegNet costs nothing.
     features = trunk_num_features(cfg)
@@ -170,29 +436,19 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
     loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
     if not loss["num_prototypes"]:
         raise ConfigError("config.MODEL.HEAD.PARAMS: swav_head needs at least one entry in num_clusters")
-    if loss["num_crops"] < 2:
-        raise ConfigError("SwAV needs at least 2 crops per image (ImgPilToMultiCrop.total_num_crops)")
-    bad = [c for c in loss["crops_for_assign"] if not 0 <= c < loss["num_crops"]]
-    if bad or not loss["crops_for_assign"]:
+    assign = list(loss["crops_for_assign"])
+    bad = [c for c in assign if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
+    if bad or not assign or len(set(assign)) != len(assign):
         raise ConfigError(
-            f"config.LOSS.swav_loss.crops_for_assign={list(loss['crops_for_assign'])}: each entry must be a crop"
+            f"config.LOSS.swav_loss.crops_for_assign={assign}: each entry must be a different crop"
             f" index below num_crops={loss['num_crops']}"
         )
-    if int(loss["temp_hard_assignment_iters"]) < -1:
-        raise ConfigError(
-            "config.LOSS.swav_loss.temp_hard_assignment_iters must be >= -1 "
-            "(0: soft codes, N: hard for the first N iterations, -1: hard for the whole run)"
-        )
-    if int(loss["num_iters"]) < 1:
-        raise ConfigError("config.LOSS.swav_loss.num_iters must be >= 1 (3 in the paper)")
     if not loss["output_dir"]:
         loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
 
     # The queue holds whole global batches, split evenly over the processes.
     queue = loss["queue"]
     length = int(queue["queue_length"])
-    if length < 0:
-        raise ConfigError("config.LOSS.swav_loss.queue.queue_length must be >= 0 (0 disables the queue)")
     if 0 < length < global_batch:
         raise ConfigError(
             f"config.LOSS.swav_loss.queue.queue_length={length} is smaller than the global batch {global_batch}:"
@@ -204,7 +460,7 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
     queue["queue_length"] = rounded
     queue["local_queue_length"] = rounded // world
 
-    # Linear scaling rule: every LR value is given per base_lr_batch_size images (DESIGN 8).
+    # Linear scaling rule: every LR value is given per base_lr_batch_size images.
     lr = optim["param_schedulers"]["lr"]
     if lr["name"] not in ("cosine", "multistep", "constant"):
         raise ConfigError(
@@ -221,6 +477,9 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
         )
     if optim["name"] != "sgd":
         raise ConfigError(f"config.OPTIMIZER.name={optim['name']!r}: only sgd is available")
+    if optim["nesterov"] and optim["momentum"] == 0:
+        # torch.optim.SGD refuses this combination, but only when training builds it.
+        raise ConfigError("config.OPTIMIZER.nesterov=true needs config.OPTIMIZER.momentum > 0")
 
     amp = cfg["MODEL"]["AMP_PARAMS"]
     if amp["AMP_TYPE"] not in ("bfloat16", "float16"):
