@@ -49,7 +49,8 @@ def _worker(rank: int, overrides: list[str], port: int, steps: int, out) -> None
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from swav.train import build_step_context, place_model, train_step, wrap_distributed
+    from swav.build import build_step_context, place_model, wrap_distributed
+    from swav.train import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

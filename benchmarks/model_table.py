@@ -88,7 +88,8 @@ def _rss_kb() -> int:
 
 def measure_step_memory(option: str, batch: int) -> dict:
     """Run in a fresh process: peak RSS of two training steps above the built model, in MB."""
-    from swav.train import build_step_context, place_model, train_step
+    from swav.build import build_step_context, place_model
+    from swav.train import train_step
 
     cfg = load_config(overrides_for(option))
     device = torch.device("cpu")

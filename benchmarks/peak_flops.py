@@ -54,7 +54,7 @@ def main() -> None:
                              "4096^3 would take minutes there)")
     args = parser.parse_args()
     from swav import precision
-    from swav.train import amp_dtype
+    from swav.build import amp_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from swav.build import build_step_context, place_model
 from swav.config import load_config
 from swav.models import build_model
-from swav.train import build_step_context, place_model, train_step
+from swav.train import train_step
 
 VARIANTS = {
     # always: measure bfloat16 even where the CPU emulates it (training's auto rule would not use it)

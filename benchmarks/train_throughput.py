@@ -23,7 +23,7 @@ lightly lives only in the benchmark environment (/work/benchenv), never in the p
 
     /work/benchenv/bin/python benchmarks/train_throughput.py                       # shipped CIFAR config
     /work/benchenv/bin/python benchmarks/train_throughput.py --crops 2x32+4x16 --batch 128 \\
-        --prototypes 3000 config.MODEL.TRUNK.RESNETS.SMALL_STEM=true               # DESIGN's peer setting
+        --prototypes 3000 config.MODEL.TRUNK.RESNETS.SMALL_STEM=true               # the peer's published CIFAR setting
 """
 
 from __future__ import annotations
@@ -117,17 +117,17 @@ def build_ours_step(cfg, levers: tuple[str, ...] = (), rank: int = 0):
     """One process's training step on its share of the batch (DDP-wrapped when a group exists)."""
     import torch.distributed as dist
 
-    from swav.models import build_model
-    from swav.train import (
+    from swav.build import (
         StepContext,
         autocast_context,
         build_loss,
         build_optimizer,
         frozen_parameters,
         place_model,
-        train_step,
         wrap_distributed,
     )
+    from swav.models import build_model
+    from swav.train import train_step
 
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -358,7 +358,7 @@ def main() -> None:
         _measure_memory(args.memory_of, overrides, best)
         return
     settings = args.settings.split(",")
-    from swav.train import amp_dtype  # imported late, like the other swav imports here
+    from swav.build import amp_dtype  # imported late, like the other swav imports here
 
     steps, build_s, warm_s = {}, {}, {}
     cfg = None

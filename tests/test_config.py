@@ -218,7 +218,7 @@ def test_crops_too_small_for_the_trunk_are_refused():
 
 
 def test_learning_rate_of_swav_8node_resnet_at_key_iterations():
-    from swav.train import build_lr_schedule
+    from swav.build import build_lr_schedule
 
     cfg = load_config([BASE])
     iters_per_epoch = 313  # ImageNet-1k at batch 4096
@@ -234,7 +234,7 @@ def test_learning_rate_of_swav_8node_resnet_at_key_iterations():
 
 
 def test_multistep_and_constant_schedules_follow_warm_up():
-    from swav.train import build_lr_schedule
+    from swav.build import build_lr_schedule
 
     cfg = load_config(["config.OPTIMIZER.param_schedulers.lr.name=multistep", "config.OPTIMIZER.num_epochs=6",
                        "config.OPTIMIZER.param_schedulers.lr.milestones=[3, 5]",

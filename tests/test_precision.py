@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from swav import precision
+from swav.build import autocast_context
 from swav.config import ConfigError, load_config
-from swav.train import autocast_context, train
+from swav.train import train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -14,18 +14,18 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_sinkhorn import official_reference
 
-from swav.config import ConfigError, load_config
-from swav.data import build_transforms
-from swav.losses import SwAVLoss
-from swav.models import SwAVHead, build_model
-from swav.train import (
+from swav.build import (
     StepContext,
     build_loss,
     build_lr_schedule,
     build_step_context,
     place_model,
-    train_step,
 )
+from swav.config import ConfigError, load_config
+from swav.data import build_transforms
+from swav.losses import SwAVLoss
+from swav.models import SwAVHead, build_model
+from swav.train import train_step
 
 BASE = "config=pretrain/swav/swav_8node_resnet"
 GROUP = "+config/pretrain/swav"

@@ -1,2 +1,2 @@
-"""SwAV, DeepCluster-v2 and SeLa-v2 self-supervised pretraining."""
+"""SwAV self-supervised pretraining (Caron et al. 2020) in native PyTorch."""
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ def config_for_launcher(overrides: list[str], env: DistEnv) -> DictConfig:
 
 def join(cfg: DictConfig, env: DistEnv) -> torch.device:
     """This process's device and CPU threads, then its process group (none for one process)."""
-    from swav.train import select_device
+    from swav.build import select_device
 
     if torch.cuda.is_available() and cfg.MACHINE.DEVICE in ("auto", "cuda", "gpu"):
         torch.cuda.set_device(env.local_rank)

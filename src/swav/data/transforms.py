@@ -1,4 +1,4 @@
-"""Multi-crop augmentation with explicit randomness (DESIGN decision 9).
+"""Multi-crop augmentation with explicit randomness (the paper's crops, flip, colour and blur).
 
 ``build_transforms(specs)`` turns the config's transform list (VISSL names) into a
 ``MultiCropTransform``: ``ImgPilToMultiCrop`` cuts the crops, every following transform applies to

@@ -46,7 +46,7 @@ def _config(command: str, argv: list[str], description: str) -> DictConfig:
 
 
 def build_split(cfg: DictConfig, split: str):
-    from swav.train import build_dataset_from
+    from swav.build import build_dataset_from
 
     key = SPLIT_KEYS[split]
     data = cfg.DATA.TRAIN if split == "train" else cfg.DATA.TEST
@@ -74,7 +74,7 @@ def build_eval_trunk(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    from swav.train import select_device
+    from swav.build import select_device
 
     return select_device(cfg)
 

@@ -14,7 +14,7 @@ from swav.losses.sinkhorn import hard_assignment, sinkhorn
 
 
 class SwAVLoss(nn.Module):
-    """Predict the codes of each assignment crop from every other crop (DESIGN decisions 1-5).
+    """Predict the codes of each assignment crop from every other crop, as the official code does.
 
     ``forward(scores, iteration, embeddings, prototypes)`` takes prototype scores
     ``[num_crops * B, K]`` stacked crop-major (all images' crop 0, then crop 1, ...), or a list of

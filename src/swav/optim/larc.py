@@ -12,7 +12,7 @@ class LARC:
     """Rescale each parameter's gradient by its trust ratio, then let the inner optimizer step.
 
     For every parameter ``w`` with a gradient ``g`` in a group with weight decay ``wd`` and
-    learning rate ``lr`` (apex semantics, DESIGN decision 7)::
+    learning rate ``lr`` (apex's semantics, so the paper's LARC settings mean the same here)::
 
         a = trust_coefficient * |w| / (|g| + wd * |w| + eps)
         if clip: a = min(a / lr, 1)          # the effective LR becomes min(a * lr, lr)

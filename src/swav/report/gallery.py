@@ -179,7 +179,7 @@ def compute_gallery(
 ) -> tuple[GalleryData, object]:
     """Score a fixed sample of DATA.TRAIN against the prototypes; returns the data and the dataset
     (for thumbnails). Raises GallerySkipped when the model or the images are not available."""
-    from swav.train import build_dataset_from
+    from swav.build import build_dataset_from
 
     model, what = load_trained_model(cfg, run_dir)
     data = cfg.DATA.TRAIN
