@@ -144,7 +144,7 @@ def build_ours_step(cfg, levers: tuple[str, ...] = (), rank: int = 0):
     if "compile" in levers:
         core.trunk = torch.compile(core.trunk)
     ctx = StepContext(
-        model=model, loss_fn=build_loss(cfg), optimizer=optimizer, scaler=None,
+        model=model, objective=build_loss(cfg), optimizer=optimizer, scaler=None,
         frozen=frozen_parameters(core, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),
         autocast=autocast_context(cfg, device), device=device, channels_last=cfg.MODEL.CHANNELS_LAST,
         normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,

@@ -138,7 +138,7 @@ def test_guide_command_composes_builds_and_trains(name):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, next(ctx.model.trunk.parameters()))
     if start:  # the second step predicted against the queue's rows too
-        assert ctx.loss_fn.num_filled == 2 * 2
+        assert ctx.objective.num_filled == 2 * 2
 
 
 def test_regnet_256gf_has_10444_channels_and_the_guide_head_fits():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -144,9 +145,9 @@ def test_collapse_warning_names_remedies(tmp_path, caplog):
     log = RunLogger(tmp_path)
     logging.getLogger("swav").propagate = True
     with caplog.at_level(logging.WARNING, logger="swav"):
-        log.check_collapse(4.6, num_prototypes=100, epoch=0)  # first epoch: too early to tell
+        log.check_collapse(4.6, level=math.log(100), epoch=0)  # first epoch: too early to tell
         assert not caplog.records
-        log.check_collapse(4.6, num_prototypes=100, epoch=2)
+        log.check_collapse(4.6, level=math.log(100), epoch=2)
     log.close()
     assert "collapse" in caplog.text and "TEMP_FROZEN_PARAMS_ITER_MAP" in caplog.text
 

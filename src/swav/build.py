@@ -28,7 +28,7 @@ from swav.data import (
     build_loader,
     build_transforms,
 )
-from swav.losses import SwAVLoss
+from swav.losses import Objective, SwAVLoss
 from swav.optim import (
     LARC,
     constant_schedule,
@@ -111,7 +111,24 @@ def build_loss(cfg: DictConfig) -> SwAVLoss:
         queue_start_iter=c.queue.start_iter,
         embedding_dim=c.embedding_dim,
         output_dir=c.output_dir,
+        num_prototypes=tuple(c.num_prototypes),
     )
+
+
+# LOSS.name -> the function that builds that method's objective from its own config section.
+OBJECTIVES: dict[str, Callable[[DictConfig], Objective]] = {
+    "swav_loss": build_loss,
+}
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    name = cfg.LOSS.name
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config.LOSS.name={name!r} is not available; use one of {', '.join(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](cfg)
+    except ValueError as e:
+        raise ConfigError(f"config.LOSS.{name}: {e}") from e
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -201,7 +218,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 @dataclass
 class StepContext:
     model: nn.Module  # the SSL model, wrapped in DistributedDataParallel when there are several processes
-    loss_fn: SwAVLoss
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     frozen: list[tuple[nn.Parameter, int]]
@@ -223,7 +240,7 @@ def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) 
     use_scaler = amp_dtype(cfg, device) == torch.float16
     return StepContext(
         model=model,
-        loss_fn=build_loss(cfg).to(device),
+        objective=build_objective(cfg).to(device),
         optimizer=build_optimizer(cfg, core),
         scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
         frozen=frozen_parameters(core, cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP),

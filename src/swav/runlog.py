@@ -96,18 +96,19 @@ class RunLogger:
         # With a live progress bar the console already shows this; log.txt always gets it.
         logger.info(line, extra={"console": not quiet})
 
-    def check_collapse(self, loss: float, num_prototypes: int, epoch: int) -> None:
-        """Warn once when the loss sits at ln K: uniform codes and predictions, nothing learned."""
-        if not self.enabled or self.collapse_warned or epoch < 1 or not math.isfinite(loss):
+    def check_collapse(self, loss: float, level: float | None, epoch: int) -> None:
+        """Warn once when the loss sits at `level` (the objective's ln K: uniform codes and
+        predictions, nothing learned); None: the objective has no such level."""
+        if level is None or not self.enabled or self.collapse_warned or epoch < 1 or not math.isfinite(loss):
             return
-        if loss > 0.97 * math.log(num_prototypes):
+        if loss > 0.97 * level:
             self.collapse_warned = True
             logger.warning(
                 "the loss %.3f is still near ln(K)=%.3f after %d epochs: the codes look uniform (collapse). "
                 "Usual remedies: freeze the prototypes longer (MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), lower the "
                 "learning rate or add warm-up, lower LOSS.swav_loss.epsilon (e.g. 0.03), start the queue later "
                 "(queue.start_iter), use fewer prototypes for a small dataset, or a larger batch.",
-                loss, math.log(num_prototypes), epoch,
+                loss, level, epoch,
             )
 
     def epoch_summary(self, epoch: int, replaced: int) -> None:

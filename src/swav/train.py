@@ -30,6 +30,7 @@ from swav.build import (
     wrap_distributed,
 )
 from swav.config import ConfigError, to_yaml, world_size_of
+from swav.losses import StepOutputs
 from swav.models import build_model
 from swav.resume import check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
@@ -42,8 +43,10 @@ logger = logging.getLogger("swav")
 # ----------------------------------------------------------------------------------------------
 
 
-def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float) -> torch.Tensor:
-    """One SwAV iteration; returns the detached loss tensor (the loss's finite check is the one host sync)."""
+def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float,
+               indices: torch.Tensor | None = None) -> torch.Tensor:
+    """One iteration of the configured method on a batch (`indices`: the images' dataset indices);
+    returns the detached loss tensor (the loss's finite check is the one host sync)."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     # Prototypes live on the unit sphere, so scores are cosine similarities.
@@ -55,13 +58,15 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
     crops = [c.to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
     with ctx.autocast():
         embedding, scores = ctx.model(crops)
-    # Codes, the swapped prediction and the queue run in float32 outside autocast: exp() of scores / epsilon overflows in half precision.
-    loss = ctx.loss_fn(
-        [s.float() for s in scores],
-        iteration=iteration,
-        embeddings=embedding.detach().float(),
+    # The objective runs in float32 outside autocast: SwAV's exp(scores / epsilon) overflows in
+    # half precision.
+    outputs = StepOutputs(
+        embeddings=embedding.float(),
+        scores=[s.float() for s in scores],
         prototypes=[w.detach() for w in core.prototype_weights()],
+        indices=indices,
     )
+    loss = ctx.objective.step(outputs, iteration)
 
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.scaler is not None:
@@ -224,7 +229,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     if world_size > 1:
         model = wrap_distributed(cfg, model, device)
     ctx = build_step_context(cfg, model, device)
-    core, loss_fn, optimizer, scaler = unwrap(model), ctx.loss_fn, ctx.optimizer, ctx.scaler
+    core, objective, optimizer, scaler = unwrap(model), ctx.objective, ctx.optimizer, ctx.scaler
     # Only now that data, model and objective are built (each may refuse the config) does the run
     # folder get this run's config.
     if main_process:
@@ -249,7 +254,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         iteration, start_epoch, position = resume["iteration"], resume["epoch"], resume["position"]
         saved_world = resume.get("world_size", 1)
         if saved_world == world_size:
-            loss_fn.load_state_dict(resume.get("loss_per_rank", [resume["loss"]])[rank])
+            objective.load_state_dict(resume.get("loss_per_rank", [resume["loss"]])[rank])
         else:
             # Each rank's queue holds its own past embeddings: they cannot be re-dealt to another
             # number of ranks, so the queue refills. The epoch goes on after the images already seen.
@@ -269,7 +274,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     def save(path_name: str, epoch: int, position: int) -> None:
         # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
         saved_at[0] = iteration
-        loss_states = distributed.gather_objects({k: v.cpu() for k, v in loss_fn.state_dict().items()})
+        loss_states = distributed.gather_objects({k: v.cpu() for k, v in objective.state_dict().items()})
         if not main_process:
             return
         state = {
@@ -291,7 +296,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         _save_logged(state, run_dir / path_name, keep_previous=True)
 
     runlog = RunLogger(run_dir, enabled=main_process)
-    num_prototypes = min(cfg.LOSS.swav_loss.num_prototypes)
+    collapse_level = objective.collapse_level()
     logger.info(
         "training: %d images, %d processes, global batch %d (%d per process), %d iterations per epoch, "
         "%d epochs, device %s, %s, channels_last %s",
@@ -308,6 +313,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                 first = position // batch if epoch == start_epoch else 0
                 sampler.set_epoch(epoch, start_index=position if epoch == start_epoch else 0)
                 dataset.set_epoch(epoch)
+                objective.start_epoch(epoch)  # methods with an assignment phase compute targets here
                 replaced = 0
                 window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
                 bar = tqdm(
@@ -316,7 +322,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                 )
                 for step_in_epoch, batch_data in enumerate(loader, start=first):
                     lr = float(lr_schedule[min(iteration, len(lr_schedule) - 1)])
-                    loss = train_step(ctx, batch_data["crops"], iteration, lr)
+                    loss = train_step(ctx, batch_data["crops"], iteration, lr, indices=batch_data["indices"])
                     replaced += int(batch_data["replaced"].sum())
                     window_loss += loss
                     window_iters += 1
@@ -335,7 +341,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                             eta_seconds=eta, train_seconds=clock.seconds(), quiet=not bar.disable,
                         )
                         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
-                        runlog.check_collapse(mean_loss, num_prototypes, epoch)
+                        runlog.check_collapse(mean_loss, collapse_level, epoch)
                         window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
                         if signals.deferred and distributed.any_rank(signals.requested is not None, device):
                             raise _StopRequested(signals.requested or "a signal to another process")

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from swav.losses.objective import Objective, StepOutputs
 from swav.losses.sinkhorn import hard_assignment, sinkhorn
 
 
-class SwAVLoss(nn.Module):
+class SwAVLoss(Objective):
     """Predict the codes of each assignment crop from every other crop, as the official code does.
 
     ``forward(scores, iteration, embeddings, prototypes)`` takes prototype scores
@@ -42,6 +44,7 @@ class SwAVLoss(nn.Module):
         queue_start_iter: int = 0,
         embedding_dim: int = 128,
         output_dir: str = "",
+        num_prototypes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         crops_for_assign = tuple(int(c) for c in crops_for_assign)
@@ -71,6 +74,7 @@ class SwAVLoss(nn.Module):
         self.queue_length = int(queue_length)
         self.queue_start_iter = int(queue_start_iter)
         self.output_dir = output_dir
+        self.num_prototypes = tuple(int(k) for k in num_prototypes)
         # Newest rows first; only the first `queue_filled` rows hold real embeddings.
         self.register_buffer(
             "queue", torch.zeros(len(crops_for_assign), self.queue_length, embedding_dim)
@@ -96,6 +100,15 @@ class SwAVLoss(nn.Module):
         if self._filled is None:
             self._filled = int(self.queue_filled.item())
         return self._filled
+
+    def step(self, outputs: StepOutputs, iteration: int) -> Tensor:
+        # The codes never carry gradient; the queue stores embeddings, not their graph.
+        return self(outputs.scores, iteration=iteration, embeddings=outputs.embeddings.detach(),
+                    prototypes=outputs.prototypes)
+
+    def collapse_level(self) -> float | None:
+        # Uniform codes and predictions over the smallest prototype set give a loss of ln K.
+        return math.log(min(self.num_prototypes)) if self.num_prototypes else None
 
     def queue_active(self, iteration: int) -> bool:
         return self.queue_length > 0 and iteration >= self.queue_start_iter
