@@ -22,16 +22,14 @@ import torch.multiprocessing as mp
 
 from swav.config import ConfigError
 from swav.distributed import (
-    CPUSyncBatchNorm,
-    convert_sync_batchnorm,
     env_from_slurm,
     env_from_torchrun,
     first_slurm_host,
     free_port,
     launcher_of,
     parse_slurm_tasks_per_node,
-    sync_bn_groups,
 )
+from swav.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm, sync_bn_groups
 
 # A run small enough for a few seconds per process: 64 images, 2 epochs, float32 for exact comparisons.
 TINY = [

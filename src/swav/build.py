@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from swav import distributed, precision
+from swav import precision, syncbn
 from swav.config import ConfigError
 from swav.data import (
     MultiCropDataset,
@@ -257,8 +257,8 @@ def wrap_distributed(cfg: DictConfig, model: nn.Module, device: torch.device) ->
     if sync.CONVERT_BN_TO_SYNC_BN:
         if sync.SYNC_BN_TYPE == "apex":
             logger.info("SYNC_BN_TYPE apex is mapped to native synchronised BatchNorm (apex is not needed)")
-        group = distributed.sync_bn_process_group(sync.GROUP_SIZE, cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
-        model = distributed.convert_sync_batchnorm(model, group, device.type)
+        group = syncbn.sync_bn_process_group(sync.GROUP_SIZE, cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+        model = syncbn.convert_sync_batchnorm(model, group, device.type)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from swav import distributed
 from swav.config import load_config, world_size_of
 from swav.distributed import DistEnv
+from swav.supervise import run_spawned
 
 logger = logging.getLogger("swav")
 
@@ -129,7 +130,7 @@ def train_command(overrides: list[str], on_summary: Callable[[dict], None] | Non
     # the ignore until training installs its own handler.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        distributed.run_spawned(_spawned_worker, procs, (OmegaConf.to_container(cfg), run_id, on_summary))
+        run_spawned(_spawned_worker, procs, (OmegaConf.to_container(cfg), run_id, on_summary))
     except mp.ProcessExitedException as e:
         how = f"was killed by signal {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
         print(f"swav: training process {e.error_index} {how}; the others were stopped. "
