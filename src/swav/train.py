@@ -116,11 +116,13 @@ class _TrainClock:
 
 
 class _StopSignals:
-    """SIGTERM (a scheduler's pre-emption) and, with several processes, SIGINT: stop and save.
+    """SIGTERM (a scheduler's pre-emption) and SIGINT (Ctrl-C): stop and save, between two steps.
 
-    One process stops at once (the handler raises). Several processes must stop at the same
-    iteration, because saving gathers every rank's queue: the handler only notes the request and
-    the loop agrees on it over all ranks at the next logging boundary.
+    The handler only notes the request: a signal that landed inside a step (after the queue push,
+    before the optimizer step) or inside a checkpoint write would otherwise save a state that mixes
+    two iterations. One process stops after the step it is in; several processes must stop at the
+    same iteration, because saving gathers every rank's queue, so they agree on it over all ranks
+    at the next logging boundary (`deferred`). A second signal stops at once.
     """
 
     def __init__(self, deferred: bool) -> None:
@@ -129,13 +131,12 @@ class _StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if not self.deferred:
-            raise _StopRequested(f"signal {signum}")
+        if self.requested is not None:
+            raise _StopRequested(f"signal {signum}, the second one")
         self.requested = f"signal {signum}"
 
     def __enter__(self) -> _StopSignals:
-        wanted = [signal.SIGTERM, signal.SIGINT] if self.deferred else [signal.SIGTERM]
-        for signum in wanted:
+        for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -259,6 +260,9 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
             # Each rank's queue holds its own past embeddings: they cannot be re-dealt to another
             # number of ranks, so the queue refills. The epoch goes on after the images already seen.
             position = position * saved_world // world_size // batch * batch
+            # Iterations count this run's steps (another global batch): the LR schedule and the
+            # end of the run are in those units, so the count restarts from the epoch and image.
+            iteration = start_epoch * iters_per_epoch + position // batch
             logger.info(
                 "the checkpoint was written by %d processes and this run has %d: the model and optimizer "
                 "resume, the embedding queue starts empty, the epoch continues at image %d",
@@ -347,6 +351,8 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                             raise _StopRequested(signals.requested or "a signal to another process")
                     if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
                         save(checkpoint.CHECKPOINT_NAME, epoch, position)
+                    if signals.requested is not None and not signals.deferred:
+                        raise _StopRequested(signals.requested)
                     if stop_after_iters is not None and iteration >= stop_after_iters:
                         raise _StopRequested(f"stop_after_iters={stop_after_iters}")
                     if step_in_epoch + 1 >= iters_per_epoch:
