@@ -1,8 +1,8 @@
 """Promises of the README that the other files do not pin down: stopping, resuming, atomic
 checkpoints, the collapse warning, and that training actually learns.
 
-Runs are tiny (a few seconds each); the runs with two processes use gloo on loopback and a
-timeout, so a hang fails the test instead of the suite.
+Most runs take a few seconds, the two learning runs about 35 s each on 2 quiet cores. The runs
+with two processes use gloo on loopback and a timeout, so a hang fails the test instead of the suite.
 """
 
 from __future__ import annotations

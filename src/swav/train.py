@@ -94,6 +94,11 @@ class _StopRequested(Exception):
     pass
 
 
+class _StopNow(Exception):
+    """A second stop signal: leave at once. The step it interrupted is half done (its queue push
+    or BatchNorm update without its optimizer step), so nothing is saved: the last checkpoint stays."""
+
+
 class _TrainClock:
     """Seconds spent training, across resumes, without the kNN monitor's evaluations: the x axis
     of accuracy-against-time curves."""
@@ -132,7 +137,7 @@ class _StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
-            raise _StopRequested(f"signal {signum}, the second one")
+            raise _StopNow(f"signal {signum}, the second one")
         self.requested = f"signal {signum}"
 
     def __enter__(self) -> _StopSignals:
@@ -372,11 +377,18 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                             run_knn_monitor(cfg, core, device, epoch + 1, runlog, knn_data,
                                             iteration=iteration, train_seconds=clock.seconds())
                         distributed.barrier()
+        except _StopNow as e:
+            stopped = True
+            logger.info("stopped at once (%s) inside iteration %d, which is not saved; rerun the same command "
+                        "to resume from the last checkpoint", e, iteration + 1)
         except (_StopRequested, KeyboardInterrupt) as e:
             stopped = True
-            if saved_at[0] != iteration:  # else the same state is on disk, and the previous one stays
-                save(checkpoint.CHECKPOINT_NAME, epoch, position)
-            logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", e or "interrupt", iteration)
+            try:
+                if saved_at[0] != iteration:  # else the same state is on disk, and the previous one stays
+                    save(checkpoint.CHECKPOINT_NAME, epoch, position)
+                logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", e or "interrupt", iteration)
+            except _StopNow:  # the atomic write was cut short: the previous checkpoint is intact
+                logger.info("stopped at once while saving iteration %d; rerun the same command to resume from the last checkpoint", iteration)
     if stopped:
         runlog.close()
         return {"iteration": iteration, "run_dir": str(run_dir), "stopped": True}
