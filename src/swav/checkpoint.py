@@ -189,12 +189,12 @@ def load(path: str | Path) -> dict:
         # nothing else, and a pickle that builds any other object could run code on this machine.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not _refused_global(e):  # not an object refused, just bytes that are no pickle
+        if not refused_object(e):  # not an object refused, just bytes that are no pickle
             raise DamagedCheckpoint(f"cannot read checkpoint {path}: not a torch checkpoint") from None
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled Python objects besides tensors, and "
             "unpickling them could run code from the file; swav checkpoints never do, so this "
-            f"file was not written by swav train{_refused_global(e)}"
+            f"file was not written by swav train{refused_object(e)}"
         ) from None
     except Exception as e:  # noqa: BLE001 - a truncated or damaged file means the same to the user
         raise DamagedCheckpoint(f"cannot read checkpoint {path}: {e}") from e
@@ -240,10 +240,11 @@ def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _refused_global(error: Exception) -> str:
-    """What torch's safe unpickler stopped at (``argparse.Namespace``, ``posix.system``...), if it says."""
+def refused_object(error: Exception) -> str:
+    """What torch's safe unpickler stopped at (``argparse.Namespace``, ``posix.system``...), as a
+    parenthesis for messages; "" when the error is no refusal (the bytes are no pickle at all)."""
     found = re.search(r"GLOBAL (\S+)", str(error))
-    return f" (the first object refused: {found.group(1)})" if found else ""
+    return f" (the first one refused: {found.group(1)})" if found else ""
 
 
 class RunFolderLock:

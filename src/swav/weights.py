@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from swav.checkpoint import refused_object
 
 logger = logging.getLogger("swav")
 
@@ -45,16 +46,10 @@ class UntrustedPickleError(ValueError):
     """
 
 
-def _refused_object(error: Exception) -> str:
-    """What torch's safe unpickler stopped at (``argparse.Namespace``, ``getattr``...), if it says."""
-    found = re.search(r"GLOBAL (\S+)", str(error))
-    return f" (the first one refused: {found.group(1)})" if found else ""
-
-
 def _refusal(path: Path, error: Exception) -> UntrustedPickleError:
     return UntrustedPickleError(
         f"refusing to load {path}: it holds pickled Python objects besides tensors"
-        f"{_refused_object(error)}, and unpickling them could run any code from the file on this "
+        f"{refused_object(error)}, and unpickling them could run any code from the file on this "
         "machine. If it is a legacy checkpoint from a source you trust, opt in with "
         "config.MODEL.WEIGHTS_INIT.TRUST_PICKLE=true (evaluation commands) or swav export "
         "--trust-pickle; better, export it once to a plain state dict or .safetensors and use that"
@@ -78,14 +73,14 @@ def load_file(path: str | Path, *, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not _refused_object(e):  # bytes that are no pickle at all, not an object refused
+        if not refused_object(e):  # bytes that are no pickle at all, not an object refused
             raise ValueError(f"{path} is not a torch weights file (or it is damaged)") from None
         if not trust_pickle:
             raise _refusal(path, e) from None
         logger.warning(
             "%s holds pickled Python objects besides tensors%s; loading it with full unpickling "
             "because it is trusted, which can run any code from the file on this machine",
-            path, _refused_object(e),
+            path, refused_object(e),
         )
         return torch.load(path, map_location="cpu", weights_only=False)
 
