@@ -431,6 +431,29 @@ def test_a_second_ctrl_c_stops_at_once_without_saving_a_half_done_step(tmp_path,
     assert_same_state(load_ckpt(whole), load_ckpt(parts))
 
 
+def test_with_several_processes_one_stop_delivered_twice_is_one_request(monkeypatch):
+    # `kill -TERM -PGID` reaches a worker directly and through its launcher within milliseconds:
+    # fails if that counts as a second stop (the worker left without its checkpoint and its
+    # peers hung in the next collective). A real second signal, later, still stops at once.
+    from swav.train import _StopNow, _StopSignals
+
+    now = [100.0]
+    monkeypatch.setattr("swav.train.time.monotonic", lambda: now[0])
+    signals = _StopSignals(deferred=True)
+    signals._handle(signal.SIGTERM, None)
+    now[0] += 0.01
+    signals._handle(signal.SIGTERM, None)
+    assert signals.requested == f"signal {signal.SIGTERM}"
+    now[0] += _StopSignals.same_stop_seconds
+    with pytest.raises(_StopNow):
+        signals._handle(signal.SIGTERM, None)
+    # One process has no launcher to repeat a signal: a second one is always the user's.
+    single = _StopSignals(deferred=False)
+    single._handle(signal.SIGINT, None)
+    with pytest.raises(_StopNow):
+        single._handle(signal.SIGINT, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # AUTO_RESUME=false
 # ----------------------------------------------------------------------------------------------

@@ -128,17 +128,28 @@ class _StopSignals:
     two iterations. One process stops after the step it is in; several processes must stop at the
     same iteration, because saving gathers every rank's queue, so they agree on it over all ranks
     at the next logging boundary (`deferred`). A second signal stops at once.
+
+    With several processes one stop often arrives twice: `kill -TERM -PGID`, `timeout` or a
+    scheduler signal the whole process group, and the launcher (ours or torchrun) passes the
+    signal on as well. So there a repeat within `same_stop_seconds` is the same request.
     """
+
+    same_stop_seconds = 2.0
 
     def __init__(self, deferred: bool) -> None:
         self.deferred = deferred
         self.requested: str | None = None
+        self._requested_at = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.requested is not None:
+            if self.deferred and now - self._requested_at < self.same_stop_seconds:
+                return
             raise _StopNow(f"signal {signum}, the second one")
         self.requested = f"signal {signum}"
+        self._requested_at = now
 
     def __enter__(self) -> _StopSignals:
         for signum in (signal.SIGTERM, signal.SIGINT):
