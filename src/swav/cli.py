@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+
+def _wait_passively() -> None:
+    """Idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy.
+
+    GNU OpenMP (torch's, on Linux) spins a waiting thread for a while before it sleeps. On an idle
+    machine that costs nothing, but beside any other busy process (a browser, a neighbour's job)
+    the spinning thread takes the core from the thread it waits for, and a 2-core machine trained
+    at half its speed or less. Read when the OpenMP library loads, so this runs before torch is
+    imported (the command line imports it later), and only by `main`: a library user keeps control
+    of their process.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 
 USAGE = """\
 usage: swav COMMAND [config=NAME] [+config/GROUP=OPTION ...] [config.KEY=VALUE ...]
@@ -100,6 +116,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _wait_passively()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
