@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from swav.errors import guarded
+
 
 def _wait_passively() -> None:
     """Idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy.
@@ -64,30 +66,6 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "config":
         parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
     return parser
-
-
-def guarded(run) -> int:
-    """Run `run()` and turn the errors a user can fix into one line on stderr and an exit code."""
-    from swav.checkpoint import CheckpointError, RunFolderBusy
-    from swav.config import ConfigError
-
-    try:
-        return run()
-    except ConfigError as e:
-        print(f"swav: config error: {e}", file=sys.stderr)
-        return 2
-    except RunFolderBusy as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 4
-    except (FileNotFoundError, NotADirectoryError) as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 3
 
 
 def _train_or_config(command: str, rest: list[str]) -> int:

@@ -145,7 +145,7 @@ def spawn_env(cfg: Any, local_rank: int, run_id: str) -> DistEnv:
     procs = d.NUM_PROC_PER_NODE
     method = d.INIT_METHOD
     if method == "env":
-        method, run_id = "tcp", run_id  # one node: rank 0 is on this machine
+        method = "tcp"  # one node: rank 0 is on this machine, at run_id
     if method == "tcp":
         init = f"tcp://{run_id}"
     elif method == "file":

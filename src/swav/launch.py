@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from swav import distributed
 from swav.config import load_config, world_size_of
 from swav.distributed import DistEnv
+from swav.errors import guarded
 from swav.supervise import run_spawned
 
 logger = logging.getLogger("swav")
@@ -92,8 +93,6 @@ def _spawned_worker(local_rank: int, cfg_container: dict, run_id: str, on_summar
     OmegaConf.set_readonly(cfg, True)
     env = distributed.spawn_env(cfg, local_rank, run_id)
     setup_logging(console_level=logging.INFO if env.rank == 0 else logging.WARNING)
-    from swav.cli import guarded
-
     def run() -> int:
         run_worker(cfg, env, on_summary)
         return 0

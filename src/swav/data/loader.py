@@ -27,7 +27,7 @@ from swav.data.transforms import MultiCropTransform
 DATA_SOURCES = ("disk_folder", "disk_filelist", "synthetic")
 
 # Distinct stream tags, so the sampler's and the augmentations' seeds never coincide.
-_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+_ORDER_STREAM, _AUGMENT_STREAM, _WORKER_SEED_STREAM = 0, 1, 2
 
 
 def mix_seed(*values: int) -> int:
@@ -255,7 +255,7 @@ def build_loader(
     if persistent_workers is None:
         persistent_workers = num_workers > 0
     generator = torch.Generator()
-    generator.manual_seed(mix_seed(seed, 2))
+    generator.manual_seed(mix_seed(seed, _WORKER_SEED_STREAM))
     return DataLoader(
         dataset,
         batch_size=batch_size,
