@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -15,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from swav import distributed
-from swav.eval.knn import extract_features
 from swav.models.resnet import STAGE_NAMES
 
 logger = logging.getLogger("swav")
@@ -57,6 +57,42 @@ def dataset_labels(dataset) -> np.ndarray:
     if hasattr(dataset, "dataset") and len(dataset.dataset) == len(dataset):
         return dataset_labels(dataset.dataset)
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader,
+    device: str | torch.device = "cpu",
+    normalize: bool = True,
+    amp: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` in eval mode over ``(images, labels, ...)`` batches.
+
+    Returns float32 features ``[N, D]`` and int64 labels ``[N]``, both on the CPU. Outputs with
+    more than two dimensions are flattened per sample. ``amp`` runs under bfloat16 autocast.
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    try:
+        for batch in loader:
+            images, targets = batch[0], batch[1]
+            with autocast:
+                out = model(images.to(device, non_blocking=True))
+            out = out.float().flatten(1)
+            if normalize:
+                out = F.normalize(out, dim=1)
+            features.append(out.cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(features), torch.cat(labels)
 
 
 class Transformed(Dataset):

@@ -8,53 +8,17 @@ Protocol of Wu et al. 2018 (InstDisc): features are L2-normalised, each test ima
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from swav.eval.features import Transformed, extract_features
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module,
-    loader,
-    device: str | torch.device = "cpu",
-    normalize: bool = True,
-    amp: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Run ``model`` in eval mode over ``(images, labels, ...)`` batches.
-
-    Returns float32 features ``[N, D]`` and int64 labels ``[N]``, both on the CPU. Outputs with
-    more than two dimensions are flattened per sample. ``amp`` runs under bfloat16 autocast.
-    The model's train/eval mode is restored afterwards.
-    """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    features, labels = [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    try:
-        for batch in loader:
-            images, targets = batch[0], batch[1]
-            with autocast:
-                out = model(images.to(device, non_blocking=True))
-            out = out.float().flatten(1)
-            if normalize:
-                out = F.normalize(out, dim=1)
-            features.append(out.cpu())
-            labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
-    finally:
-        model.train(was_training)
-    if not features:
-        raise ValueError("the loader yielded no batches")
-    return torch.cat(features), torch.cat(labels)
 
 
 def _accuracies(scores: Tensor, targets: Tensor) -> tuple[int, int]:
@@ -178,7 +142,6 @@ def evaluate_knn(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     transform = EvalTransform(image_size)
-    from swav.eval.features import Transformed  # features.py builds on this module
 
     def features(dataset) -> tuple[Tensor, Tensor]:
         loader = DataLoader(
