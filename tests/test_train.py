@@ -219,3 +219,20 @@ def test_knn_history_plots_against_training_time_across_a_resume(tmp_path):
     assert steps[-1]["train_seconds"] >= seconds[1]  # the clock went on from the checkpoint
     # the clock does not count evaluation time: training seconds stay below the wall time
     assert steps[-1]["train_seconds"] < steps[-1]["time"] - steps[0]["time"] + seconds[0] + 1
+
+
+def test_collapse_warning_is_for_a_loss_at_ln_k_not_one_far_above(tmp_path, caplog):
+    # A loss twice ln K is a diverging run: calling it a collapse would send the user to the
+    # wrong remedies. Several prototype sets: the loss averages them, so the level is the mean.
+    from swav.losses import SwAVLoss
+
+    log = RunLogger(tmp_path)
+    logging.getLogger("swav").propagate = True
+    with caplog.at_level(logging.WARNING, logger="swav"):
+        log.check_collapse(2 * math.log(100), level=math.log(100), epoch=3)
+        assert not caplog.records
+        level = SwAVLoss(num_crops=2, num_prototypes=(20, 12)).collapse_level()
+        assert level == pytest.approx((math.log(20) + math.log(12)) / 2)
+        log.check_collapse(level, level=level, epoch=3)
+    log.close()
+    assert "collapse" in caplog.text

@@ -101,7 +101,8 @@ class RunLogger:
         predictions, nothing learned); None: the objective has no such level."""
         if level is None or not self.enabled or self.collapse_warned or epoch < 1 or not math.isfinite(loss):
             return
-        if loss > 0.97 * level:
+        # Near the level from both sides: a loss far above it is divergence, not uniform codes.
+        if abs(loss - level) < 0.03 * level:
             self.collapse_warned = True
             logger.warning(
                 "the loss %.3f is still near ln(K)=%.3f after %d epochs: the codes look uniform (collapse). "

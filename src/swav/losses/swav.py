@@ -107,8 +107,11 @@ class SwAVLoss(Objective):
                     prototypes=outputs.prototypes)
 
     def collapse_level(self) -> float | None:
-        # Uniform codes and predictions over the smallest prototype set give a loss of ln K.
-        return math.log(min(self.num_prototypes)) if self.num_prototypes else None
+        # Uniform codes and predictions give ln K for a set of K prototypes; the loss averages
+        # the sets, so with several the level is the mean of their ln K.
+        if not self.num_prototypes:
+            return None
+        return sum(math.log(k) for k in self.num_prototypes) / len(self.num_prototypes)
 
     def queue_active(self, iteration: int) -> bool:
         return self.queue_length > 0 and iteration >= self.queue_start_iter
