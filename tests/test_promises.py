@@ -475,9 +475,10 @@ def test_auto_resume_off_refuses_an_existing_checkpoint_unless_overwrite(tmp_pat
           stop_after_iters=2)
     state = load_ckpt(tmp_path)
     assert (state["iteration"], state["epoch"], state["position"]) == (2, 0, 16)
-    # The rows of the new run count from iteration 1 again and repeat the first run's losses
-    # (same seed, same start); a resumed run would have continued at iteration 6.
-    fresh = metrics(tmp_path)[len(first):]
+    # metrics.jsonl holds the new run alone: its rows count from iteration 1 again and repeat the
+    # first run's losses (same seed, same start); a resumed run would have continued at iteration 6,
+    # and a log that kept the old rows would draw two runs as one curve.
+    fresh = metrics(tmp_path)
     assert [row["iteration"] for row in fresh] == [1, 2]
     assert [row["loss"] for row in fresh] == pytest.approx([row["loss"] for row in first[:2]], rel=1e-5)
     assert "resumed from" not in (tmp_path / "log.txt").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -202,10 +203,13 @@ def _resume_state(cfg: DictConfig, run_dir: Path, main_process: bool) -> tuple[d
             "config.CHECKPOINT.DIR, or set config.CHECKPOINT.OVERWRITE_EXISTING=true to start over"
         )
     if main_process:
-        # Starting over: the previous run's checkpoints must not be resumed or fallen back to later.
-        for path in (latest, prev):
+        # Starting over: the previous run's checkpoints must not be resumed or fallen back to
+        # later, and its curves must not continue into the new run's (the logs append).
+        for path in (latest, prev, run_dir / checkpoint.FINAL_NAME, run_dir / "metrics.jsonl", run_dir / "knn.json"):
             path.unlink(missing_ok=True)
-        logger.info("config.CHECKPOINT.OVERWRITE_EXISTING=true: starting over in %s (old checkpoints removed)", run_dir)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        logger.info("config.CHECKPOINT.OVERWRITE_EXISTING=true: starting over in %s (old checkpoints, "
+                    "metrics.jsonl, knn.json and TensorBoard events removed)", run_dir)
     return None, None
 
 
