@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
+FAILURE_GRACE_SECONDS = 3.0
+
 
 def run_spawned(worker: Callable[..., None], nprocs: int, args: tuple) -> None:
     """Start `nprocs` local workers and wait; the first one to fail takes the others down.
@@ -25,7 +27,10 @@ def run_spawned(worker: Callable[..., None], nprocs: int, args: tuple) -> None:
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        while not context.join():
+        # When one worker dies the others cannot finish or save (saving gathers every rank's
+        # state): they are told to stop after a few seconds and killed a few seconds later,
+        # instead of torch's default of 30 s before the kill.
+        while not context.join(grace_period=FAILURE_GRACE_SECONDS):
             pass
     finally:
         signal.signal(signal.SIGTERM, previous)
