@@ -409,8 +409,10 @@ def test_build_model_errors():
         build_model(_cfg(name="regnet"))  # NAME=regnet without the REGNET keys
     with pytest.raises(ValueError, match="resnet"):
         build_model(_cfg(name="vit"))
-    with pytest.raises(ValueError, match="mlp"):
-        build_model(_cfg(head=[["mlp", {"dims": [512, 128]}]]))
+    with pytest.raises(ValueError, match="eval_mlp"):  # `mlp` is a head (no prototypes); this is not
+        build_model(_cfg(head=[["eval_mlp", {"dims": [512, 128]}]]))
+    with pytest.raises(ValueError, match="num_clusters"):  # the mlp head takes no prototypes
+        build_model(_cfg(head=[["mlp", {"dims": [512, 128], "num_clusters": [10]}]]))
     two = [["swav_head", {"dims": [512, 128]}], ["swav_head", {"dims": [512, 128]}]]
     with pytest.raises(ValueError, match="exactly one"):
         build_model(_cfg(head=two))

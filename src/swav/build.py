@@ -28,7 +28,7 @@ from swav.data import (
     build_loader,
     build_transforms,
 )
-from swav.losses import Objective, SwAVLoss
+from swav.losses import DeepClusterV2Loss, Objective, SeLaV2Loss, SimCLRLoss, SwAVLoss
 from swav.optim import (
     LARC,
     constant_schedule,
@@ -115,9 +115,43 @@ def build_loss(cfg: DictConfig) -> SwAVLoss:
     )
 
 
+def build_simclr_loss(cfg: DictConfig) -> SimCLRLoss:
+    c = cfg.LOSS.simclr_info_nce_loss
+    return SimCLRLoss(num_crops=c.num_crops, temperature=c.temperature, embedding_dim=c.embedding_dim)
+
+
+def build_deepclusterv2_loss(cfg: DictConfig) -> DeepClusterV2Loss:
+    c = cfg.LOSS.deepclusterv2_loss
+    return DeepClusterV2Loss(
+        num_crops=c.num_crops,
+        num_clusters=tuple(c.num_clusters),
+        crops_for_mb=tuple(c.memory_params.crops_for_mb),
+        embedding_dim=c.memory_params.embedding_dim,
+        temperature=c.temperature,
+        kmeans_iters=c.kmeans_iters,
+        seed=cfg.SEED_VALUE,
+    )
+
+
+def build_sela_v2_loss(cfg: DictConfig) -> SeLaV2Loss:
+    c = cfg.LOSS.sela_v2_loss
+    return SeLaV2Loss(
+        num_crops=c.num_crops,
+        num_clusters=tuple(c.num_clusters),
+        crops_for_mb=tuple(c.memory_params.crops_for_mb),
+        embedding_dim=c.memory_params.embedding_dim,
+        temperature=c.temperature,
+        epsilon=c.epsilon,
+        num_iters=c.num_iters,
+    )
+
+
 # LOSS.name -> the function that builds that method's objective from its own config section.
 OBJECTIVES: dict[str, Callable[[DictConfig], Objective]] = {
     "swav_loss": build_loss,
+    "simclr_info_nce_loss": build_simclr_loss,
+    "deepclusterv2_loss": build_deepclusterv2_loss,
+    "sela_v2_loss": build_sela_v2_loss,
 }
 
 
@@ -247,8 +281,16 @@ def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) 
         autocast=autocast_context(cfg, device),
         device=device,
         channels_last=cfg.MODEL.CHANNELS_LAST,
-        normalize_prototypes=cfg.LOSS.swav_loss.normalize_last_layer,
+        normalize_prototypes=normalizes_prototypes(cfg),
     )
+
+
+def normalizes_prototypes(cfg: DictConfig) -> bool:
+    """Whether learned prototypes are put back on the unit sphere before each forward pass: SwAV's
+    `normalize_last_layer`; always for SeLa-v2, whose prototypes are SwAV's; DeepCluster-v2 and
+    SimCLR train none. A method added from outside the package may have no section."""
+    section = cfg.LOSS.get(cfg.LOSS.name) or {}
+    return bool(section.get("normalize_last_layer", True))
 
 
 def wrap_distributed(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:

@@ -44,6 +44,13 @@ INFERRED = (
     "LOSS.swav_loss.embedding_dim",
     "LOSS.swav_loss.num_prototypes",
     "LOSS.swav_loss.queue.local_queue_length",
+    "LOSS.simclr_info_nce_loss.num_crops",
+    "LOSS.simclr_info_nce_loss.embedding_dim",
+    "LOSS.deepclusterv2_loss.num_crops",
+    "LOSS.deepclusterv2_loss.memory_params.embedding_dim",
+    "LOSS.sela_v2_loss.num_crops",
+    "LOSS.sela_v2_loss.num_clusters",
+    "LOSS.sela_v2_loss.memory_params.embedding_dim",
     "OPTIMIZER.param_schedulers.lr.auto_lr_scaling.scale_factor",
     "OPTIMIZER.param_schedulers.lr.scaled.",
 )

@@ -105,10 +105,11 @@ class RunLogger:
         if abs(loss - level) < 0.03 * level:
             self.collapse_warned = True
             logger.warning(
-                "the loss %.3f is still near ln(K)=%.3f after %d epochs: the codes look uniform (collapse). "
-                "Usual remedies: freeze the prototypes longer (MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), lower the "
-                "learning rate or add warm-up, lower LOSS.swav_loss.epsilon (e.g. 0.03), start the queue later "
-                "(queue.start_iter), use fewer prototypes for a small dataset, or a larger batch.",
+                "the loss %.3f is still near ln(K)=%.3f after %d epochs: the predictions look uniform (collapse). "
+                "Usual remedies: lower the learning rate or add warm-up, use fewer prototypes (clusters) for a "
+                "small dataset, or a larger batch; for SwAV also freeze the prototypes longer "
+                "(MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), lower LOSS.swav_loss.epsilon (e.g. 0.03) or start the queue "
+                "later (queue.start_iter).",
                 loss, level, epoch,
             )
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from swav.build import (
     wrap_distributed,
 )
 from swav.config import ConfigError, to_yaml, world_size_of
-from swav.losses import StepOutputs
+from swav.losses import EpochContext, StepOutputs
 from swav.models import build_model
 from swav.resume import check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
@@ -84,6 +85,33 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
     else:
         ctx.optimizer.step()
     return loss.detach()
+
+
+@torch.no_grad()
+def embed_epoch(ctx: StepContext, loader, sampler, crops: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `crops` of this rank's images of the sampler's epoch, in the epoch's order and whole
+    batches as the steps see them, through the model without gradient: (indices [N],
+    embeddings [len(crops), N, D]). What a memory bank is filled with (EpochContext.embed).
+
+    The model stays in training mode, so BatchNorm normalises with batch statistics as in the
+    steps whose embeddings later overwrite these (its running averages move, as in a step)."""
+    resume_at = sampler.start_index
+    sampler.set_epoch(sampler.epoch, start_index=0)  # the whole epoch, even in a run resumed inside it
+    steps = len(sampler) // loader.batch_size
+    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    indices, embeddings = [], []
+    try:
+        for step, batch_data in enumerate(loader):
+            if step >= steps:
+                break
+            chosen = [batch_data["crops"][c].to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
+            with ctx.autocast():
+                embedding, _ = ctx.model(chosen)
+            indices.append(batch_data["indices"])
+            embeddings.append(embedding.float().view(len(crops), -1, embedding.shape[1]))
+    finally:
+        sampler.set_epoch(sampler.epoch, start_index=resume_at)
+    return torch.cat(indices).to(ctx.device), torch.cat(embeddings, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +355,11 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         len(dataset), world_size, global_batch, batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
         device, precision.describe(amp.USE_AMP, device, dtype), cfg.MODEL.CHANNELS_LAST,
     )
+    # What an objective's assignment phase may ask of the model before an epoch (a memory-bank pass).
+    epoch_context = EpochContext(
+        embed=lambda crops: embed_epoch(ctx, loader, sampler, crops),
+        prototypes=lambda: [w.detach() for w in core.prototype_weights()],
+    )
     model.train()
     start_time = time.perf_counter()
     start_iteration = iteration
@@ -337,7 +370,7 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
                 first = position // batch if epoch == start_epoch else 0
                 sampler.set_epoch(epoch, start_index=position if epoch == start_epoch else 0)
                 dataset.set_epoch(epoch)
-                objective.start_epoch(epoch)  # methods with an assignment phase compute targets here
+                objective.start_epoch(epoch, epoch_context)  # methods with an assignment phase compute targets here
                 replaced = 0
                 window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
                 bar = tqdm(

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from swav.config.compose import ConfigError
+from swav.config.compose import ConfigError, package_config_dir, read_yaml
 from swav.models import (
     REGNET_KEYS,
     RESNET_ARCHS,
@@ -132,6 +132,13 @@ RANGES: dict[str, Range] = {
         int, ">= -1", "0: soft codes, N: hard for the first N iterations, -1: hard for the whole run"),
     "LOSS.swav_loss.queue.queue_length": Range(int, "[0, 1000000]", "embeddings kept from past batches; 0: no queue"),
     "LOSS.swav_loss.queue.start_iter": Range(int, ">= 0", "first iteration that uses the queue"),
+    "LOSS.simclr_info_nce_loss.temperature": Range(float, "> 0", "softmax temperature of the contrastive loss"),
+    "LOSS.deepclusterv2_loss.temperature": Range(float, "> 0", "softmax temperature of the classification"),
+    "LOSS.deepclusterv2_loss.num_clusters[]": Range(int, f"[1, {MAX_WIDTH}]", "k-means clusters per head"),
+    "LOSS.deepclusterv2_loss.kmeans_iters": Range(int, "[1, 1000]", "k-means rounds per assignment phase"),
+    "LOSS.sela_v2_loss.temperature": Range(float, "> 0", "softmax temperature of the classification"),
+    "LOSS.sela_v2_loss.epsilon": Range(float, "> 0", "Sinkhorn entropic regularisation"),
+    "LOSS.sela_v2_loss.num_iters": Range(int, "[1, 1000]", "Sinkhorn iterations over the memory bank"),
     "OPTIMIZER.momentum": Range(float, "[0, 1)", "SGD momentum"),
     "OPTIMIZER.weight_decay": Range(float, "[0, 1]", "L2 penalty on every parameter; the paper's is 1e-6"),
     "OPTIMIZER.larc_config.eps": Range(float, "> 0", "keeps LARC's rate finite for zero gradients"),
@@ -293,27 +300,36 @@ def multicrop_spec(cfg: dict) -> dict:
     return spec
 
 
-def swav_head_params(cfg: dict) -> dict:
+# Head name -> the parameters MODEL.HEAD.PARAMS may give it. `mlp` is swav_head's projection
+# without prototypes, for methods that contrast the embeddings themselves (SimCLR).
+HEAD_KEYS: dict[str, tuple[str, ...]] = {
+    "swav_head": ("dims", "use_bn", "num_clusters"),
+    "mlp": ("dims", "use_bn"),
+}
+
+
+def head_params(cfg: dict) -> dict:
+    """The head's parameters with their defaults, plus its `name`; `num_clusters` is [] for mlp."""
     params = cfg["MODEL"]["HEAD"]["PARAMS"]
-    if len(params) != 1 or len(params[0]) != 2 or params[0][0] != "swav_head" or not isinstance(params[0][1], dict):
+    if len(params) != 1 or len(params[0]) != 2 or params[0][0] not in HEAD_KEYS or not isinstance(params[0][1], dict):
         raise ConfigError(
             'config.MODEL.HEAD.PARAMS must be [["swav_head", {"dims": [...], "use_bn": true, '
-            f'"num_clusters": [3000]}}]], got {params!r}'
+            f'"num_clusters": [3000]}}]] or [["mlp", {{"dims": [...], "use_bn": true}}]], got {params!r}'
         )
-    head = dict(params[0][1])
-    unknown = set(head) - {"dims", "use_bn", "num_clusters"}
+    name, head = params[0][0], dict(params[0][1])
+    unknown = set(head) - set(HEAD_KEYS[name])
     if unknown:
         raise ConfigError(
-            f"config.MODEL.HEAD.PARAMS: swav_head does not take {sorted(unknown)}; it takes dims, use_bn, num_clusters"
+            f"config.MODEL.HEAD.PARAMS: {name} does not take {sorted(unknown)}; it takes {', '.join(HEAD_KEYS[name])}"
         )
     if not isinstance(head.get("dims"), list) or len(head["dims"]) < 1:
-        raise ConfigError("config.MODEL.HEAD.PARAMS: swav_head needs `dims`, e.g. [2048, 2048, 128]")
+        raise ConfigError(f"config.MODEL.HEAD.PARAMS: {name} needs `dims`, e.g. [2048, 2048, 128]")
     head.setdefault("use_bn", True)
-    head.setdefault("num_clusters", [3000])
+    head.setdefault("num_clusters", [3000] if name == "swav_head" else [])
     if not isinstance(head["num_clusters"], list):
-        raise ConfigError(f"config.MODEL.HEAD.PARAMS: swav_head num_clusters must be a list, got {head['num_clusters']!r}")
-    check_ranges(head, HEAD_RANGES, prefix="config.MODEL.HEAD.PARAMS: swav_head ")
-    return head
+        raise ConfigError(f"config.MODEL.HEAD.PARAMS: {name} num_clusters must be a list, got {head['num_clusters']!r}")
+    check_ranges(head, HEAD_RANGES, prefix=f"config.MODEL.HEAD.PARAMS: {name} ")
+    return {**head, "name": name}
 
 
 def _regnet_types(regnet: dict) -> None:
@@ -368,6 +384,150 @@ def describe_trunk(trunk: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The methods' LOSS sections
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _default_loss_sections() -> dict:
+    return read_yaml(package_config_dir() / "defaults.yaml")["LOSS"]
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_method_sections(loss: dict) -> None:
+    """Only the section of LOSS.name may differ from defaults.yaml: the others are not read, so a
+    key set there (say a SwAV epsilon in a SimCLR run) would be silently ignored."""
+    method = loss["name"]
+    if method not in loss:
+        return  # a method added to OBJECTIVES from outside the package has no section and may read any
+    defaults = _default_loss_sections()
+    for section, values in loss.items():
+        if section in ("name", method) or not isinstance(values, dict):
+            continue
+        default = _leaves(defaults.get(section, {}))
+        for key, value in _leaves(values).items():
+            if key not in default or default[key] != value:
+                raise ConfigError(
+                    f"config.LOSS.{section}.{key}={value!r} is a setting of the method {section}, but this run "
+                    f"trains config.LOSS.name={method}, which does not read it: set config.LOSS.name={section}, "
+                    f"or leave config.LOSS.{section} at its defaults"
+                )
+
+
+def infer_swav(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+    """LOSS.swav_loss: shapes from the crops and the head; the queue in whole global batches."""
+    loss = cfg["LOSS"]["swav_loss"]
+    loss["num_crops"] = int(crops["total_num_crops"])
+    loss["embedding_dim"] = int(head["dims"][-1])
+    loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
+    if not loss["num_prototypes"]:
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: the {head['name']} head has no prototypes, which swav_loss needs: "
+            "use swav_head with at least one entry in num_clusters"
+        )
+    assign = list(loss["crops_for_assign"])
+    bad = [c for c in assign if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
+    if bad or not assign or len(set(assign)) != len(assign):
+        raise ConfigError(
+            f"config.LOSS.swav_loss.crops_for_assign={assign}: each entry must be a different crop"
+            f" index below num_crops={loss['num_crops']}"
+        )
+    if not loss["output_dir"]:
+        loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
+
+    # The queue holds whole global batches, split evenly over the processes.
+    queue = loss["queue"]
+    length = int(queue["queue_length"])
+    if 0 < length < global_batch:
+        raise ConfigError(
+            f"config.LOSS.swav_loss.queue.queue_length={length} is smaller than the global batch {global_batch}:"
+            f" set 0 to disable the queue or at least {global_batch}"
+        )
+    rounded = length - length % global_batch
+    if rounded != length:
+        logger.info("queue_length %d rounded down to %d, a multiple of the global batch %d", length, rounded, global_batch)
+    queue["queue_length"] = rounded
+    queue["local_queue_length"] = rounded // world
+
+
+def infer_simclr(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+    """LOSS.simclr_info_nce_loss: shapes from the crops and the head, which has no prototypes."""
+    loss = cfg["LOSS"]["simclr_info_nce_loss"]
+    if head["num_clusters"]:
+        # Nothing would train them, and DistributedDataParallel refuses parameters without gradient.
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: simclr_info_nce_loss uses no prototypes, but the head has "
+            f"num_clusters={head['num_clusters']}: use the mlp head, "
+            '[["mlp", {"dims": [...], "use_bn": true}]], or num_clusters: []'
+        )
+    if global_batch < 2:
+        raise ConfigError(
+            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA: simclr_info_nce_loss needs a global batch of at least "
+            "2 images (the negatives are the other images' crops)"
+        )
+    loss["num_crops"] = int(crops["total_num_crops"])
+    loss["embedding_dim"] = int(head["dims"][-1])
+
+
+def _memory_bank_section(cfg: dict, name: str, crops: dict, head: dict) -> dict:
+    """DeepCluster-v2 and SeLa-v2: the crops and embedding width from the data and the head, and
+    the memory bank's crops checked against them."""
+    loss = cfg["LOSS"][name]
+    loss["num_crops"] = int(crops["total_num_crops"])
+    loss["memory_params"]["embedding_dim"] = int(head["dims"][-1])
+    chosen = list(loss["memory_params"]["crops_for_mb"])
+    bad = [c for c in chosen if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise ConfigError(
+            f"config.LOSS.{name}.memory_params.crops_for_mb={chosen}: each entry must be a different crop"
+            f" index below num_crops={loss['num_crops']}"
+        )
+    return loss
+
+
+def infer_deepclusterv2(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+    """LOSS.deepclusterv2_loss: its prototypes are the k-means centroids, which the loss keeps, so
+    the head must have none (the optimizer would train them, and nothing would use them)."""
+    loss = _memory_bank_section(cfg, "deepclusterv2_loss", crops, head)
+    if head["num_clusters"]:
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: deepclusterv2_loss scores the crops against its k-means centroids, "
+            f"never trained, but the head has num_clusters={head['num_clusters']}: set num_clusters: [] "
+            "in the head (the clusters per head are config.LOSS.deepclusterv2_loss.num_clusters)"
+        )
+    if not loss["num_clusters"]:
+        raise ConfigError("config.LOSS.deepclusterv2_loss.num_clusters needs at least one entry (clusters per head)")
+
+
+def infer_sela_v2(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+    """LOSS.sela_v2_loss: the prototypes are the head's, learned; their numbers come from it."""
+    loss = _memory_bank_section(cfg, "sela_v2_loss", crops, head)
+    loss["num_clusters"] = [int(k) for k in head["num_clusters"]]
+    if not loss["num_clusters"]:
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: the {head['name']} head has no prototypes, which sela_v2_loss learns: "
+            "use swav_head with at least one entry in num_clusters"
+        )
+
+
+# LOSS.name -> the function that checks and fills in that method's section.
+METHOD_RULES: dict[str, Callable[[dict, dict, dict, int, int], None]] = {
+    "swav_loss": infer_swav,
+    "simclr_info_nce_loss": infer_simclr,
+    "deepclusterv2_loss": infer_deepclusterv2,
+    "sela_v2_loss": infer_sela_v2,
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # Rules between keys
 # ----------------------------------------------------------------------------------------------
 
@@ -407,7 +567,8 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
     check_ranges(cfg, RANGES)
     check_processes(cfg)
     world = world_size or world_size_of(cfg)
-    data, loss, optim = cfg["DATA"], cfg["LOSS"]["swav_loss"], cfg["OPTIMIZER"]
+    check_method_sections(cfg["LOSS"])
+    data, optim = cfg["DATA"], cfg["OPTIMIZER"]
     global_batch = int(data["TRAIN"]["BATCHSIZE_PER_REPLICA"]) * world
 
     sources, paths = data["TRAIN"]["DATA_SOURCES"], data["TRAIN"]["DATA_PATHS"]
@@ -423,42 +584,17 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
     # The loss reads its shapes from the data and model sections, so they cannot disagree.
     crops = multicrop_spec(cfg)
     check_crop_sizes(cfg, crops)
-    head = swav_head_params(cfg)
+    head = head_params(cfg)
     # Computed from the architecture's arithmetic, so checking a 10444-wide RegNet costs nothing.
     features = trunk_num_features(cfg)
     if int(head["dims"][0]) != features:
         raise ConfigError(
-            f"config.MODEL.HEAD.PARAMS: swav_head dims[0]={head['dims'][0]} but the trunk "
+            f"config.MODEL.HEAD.PARAMS: {head['name']} dims[0]={head['dims'][0]} but the trunk "
             f"({describe_trunk(trunk)}) gives {features} features; set dims to [{features}, ...]"
         )
-    loss["num_crops"] = int(crops["total_num_crops"])
-    loss["embedding_dim"] = int(head["dims"][-1])
-    loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
-    if not loss["num_prototypes"]:
-        raise ConfigError("config.MODEL.HEAD.PARAMS: swav_head needs at least one entry in num_clusters")
-    assign = list(loss["crops_for_assign"])
-    bad = [c for c in assign if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
-    if bad or not assign or len(set(assign)) != len(assign):
-        raise ConfigError(
-            f"config.LOSS.swav_loss.crops_for_assign={assign}: each entry must be a different crop"
-            f" index below num_crops={loss['num_crops']}"
-        )
-    if not loss["output_dir"]:
-        loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
-
-    # The queue holds whole global batches, split evenly over the processes.
-    queue = loss["queue"]
-    length = int(queue["queue_length"])
-    if 0 < length < global_batch:
-        raise ConfigError(
-            f"config.LOSS.swav_loss.queue.queue_length={length} is smaller than the global batch {global_batch}:"
-            f" set 0 to disable the queue or at least {global_batch}"
-        )
-    rounded = length - length % global_batch
-    if rounded != length:
-        logger.info("queue_length %d rounded down to %d, a multiple of the global batch %d", length, rounded, global_batch)
-    queue["queue_length"] = rounded
-    queue["local_queue_length"] = rounded // world
+    rules = METHOD_RULES.get(cfg["LOSS"]["name"])
+    if rules is not None:  # a method added to OBJECTIVES from outside the package has no section here
+        rules(cfg, crops, head, global_batch, world)
 
     # Linear scaling rule: every LR value is given per base_lr_batch_size images.
     lr = optim["param_schedulers"]["lr"]

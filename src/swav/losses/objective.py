@@ -3,11 +3,14 @@
 The loop does not know which method runs. Each step it hands the objective the model's outputs for
 the batch (embeddings, prototype scores, the prototypes themselves) with the images' dataset
 indices, and gets a scalar loss back. Per-rank state (SwAV's queue; a memory bank) lives in the
-objective's buffers, so it is saved with the checkpoint through ``state_dict``.
+objective's buffers, so it is saved with the checkpoint through ``state_dict``. Before each epoch
+the loop calls ``start_epoch`` with an ``EpochContext``: what an assignment phase may ask of the
+model there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -24,6 +27,21 @@ class StepOutputs:
     indices: Tensor | None = None  # [B] dataset index of each image (methods with per-image targets)
 
 
+@dataclass
+class EpochContext:
+    """The model, as far as an assignment phase at the start of an epoch needs it.
+
+    ``embed(crops)`` runs this rank's images of the epoch (all of them, in the epoch's order, whole
+    batches, as the steps will see them) through the model without gradient and returns
+    ``(indices [N], embeddings [len(crops), N, D])``: L2-normalised float32 embeddings of the
+    given crops. It costs a pass over the data, so objectives call it only when they must.
+    ``prototypes()`` are the model's prototype matrices ``[K_j, D]``, detached, as they are now.
+    """
+
+    embed: Callable[[Sequence[int]], tuple[Tensor, Tensor]]
+    prototypes: Callable[[], list[Tensor]]
+
+
 class Objective(nn.Module):
     """A method's loss. Subclasses implement ``step``; the rest has defaults that do nothing."""
 
@@ -31,8 +49,9 @@ class Objective(nn.Module):
         """The scalar loss of one batch; its gradient trains the model."""
         raise NotImplementedError
 
-    def start_epoch(self, epoch: int) -> None:
-        """Called before each epoch: where methods with an assignment phase compute their targets."""
+    def start_epoch(self, epoch: int, context: EpochContext | None = None) -> None:
+        """Called before each epoch (also the epoch a run resumes in): where methods with an
+        assignment phase compute their targets."""
 
     def collapse_level(self) -> float | None:
         """The loss value that means nothing was learned (uniform predictions), or None: the

@@ -34,8 +34,13 @@ __all__ = [
 ]
 
 SUPPORTED_TRUNKS = ("resnet", "regnet")
-SUPPORTED_HEADS = ("swav_head",)
-_SWAV_HEAD_KEYS = ("dims", "use_bn", "num_clusters", "normalize_feats")
+SUPPORTED_HEADS = ("swav_head", "mlp")
+# Head name -> the parameters it takes. `mlp` is the projection of swav_head without prototypes
+# (methods that contrast embeddings directly, like SimCLR).
+_HEAD_KEYS = {
+    "swav_head": ("dims", "use_bn", "num_clusters", "normalize_feats"),
+    "mlp": ("dims", "use_bn", "normalize_feats"),
+}
 # MODEL.TRUNK.REGNET keys that shape the architecture (stem_width is read separately).
 REGNET_KEYS = (
     "depth",
@@ -114,9 +119,12 @@ def build_trunk(cfg: Any) -> ResNet | RegNet:
         small_stem=bool(_get(r, "SMALL_STEM")),
         zero_init_residual=bool(_get(r, "ZERO_INIT_RESIDUAL")),
     )
+
+
 def build_head(cfg: Any, in_features: int) -> SwAVHead:
-    """The head from ``MODEL.HEAD.PARAMS`` = ``[["swav_head", {...}]]``, checked against the
-    trunk width ``in_features``."""
+    """The head from ``MODEL.HEAD.PARAMS`` = ``[["swav_head", {...}]]`` or ``[["mlp", {...}]]``
+    (the same projection, L2-normalised, without prototypes), checked against the trunk width
+    ``in_features``."""
     entries = _plain(cfg.MODEL.HEAD.PARAMS)
     if not isinstance(entries, (list, tuple)) or len(entries) != 1:
         raise ValueError(
@@ -130,10 +138,10 @@ def build_head(cfg: Any, in_features: int) -> SwAVHead:
         raise ValueError(
             f"MODEL.HEAD.PARAMS: head {name!r} is not supported; supported heads: {list(SUPPORTED_HEADS)}"
         )
-    unknown = sorted(set(params) - set(_SWAV_HEAD_KEYS))
+    unknown = sorted(set(params) - set(_HEAD_KEYS[name]))
     if unknown:
         raise ValueError(
-            f"MODEL.HEAD.PARAMS: unknown {name} parameter(s) {unknown}; supported: {list(_SWAV_HEAD_KEYS)}"
+            f"MODEL.HEAD.PARAMS: unknown {name} parameter(s) {unknown}; supported: {list(_HEAD_KEYS[name])}"
         )
     if not params.get("dims"):
         raise ValueError(f"MODEL.HEAD.PARAMS: {name} needs 'dims', e.g. [2048, 2048, 128]")
@@ -146,7 +154,7 @@ def build_head(cfg: Any, in_features: int) -> SwAVHead:
     return SwAVHead(
         dims=dims,
         use_bn=bool(params.get("use_bn", True)),
-        num_clusters=[int(k) for k in params.get("num_clusters", [3000])],
+        num_clusters=[int(k) for k in params.get("num_clusters", [3000] if name == "swav_head" else [])],
         normalize_feats=bool(params.get("normalize_feats", True)),
     )
 

@@ -14,7 +14,8 @@ class SwAVHead(nn.Module):
 
     ``dims=[2048, 2048, 128]`` gives Linear(2048, 2048)-BN-ReLU-Linear(2048, 128); a single
     entry means no projection. Each entry of ``num_clusters`` adds a bias-free linear layer
-    ``prototypes{i}`` (VISSL's names, so VISSL checkpoints load) whose rows are the prototypes.
+    ``prototypes{i}`` (VISSL's names, so VISSL checkpoints load) whose rows are the prototypes;
+    none gives the plain projection (the ``mlp`` head of methods without prototypes, like SimCLR).
     """
 
     def __init__(

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from swav.report import plots
 from swav.report.gallery import (
@@ -74,7 +74,9 @@ def build_report(
 
     cfg, config_note = load_run_config(run_dir)
     rows, bad_lines = read_metrics(run_dir / METRICS_NAME)
-    num_prototypes = [int(k) for k in cfg.LOSS.swav_loss.num_prototypes]
+    # The curves' red "nothing learned" line is ln K of SwAV's prototypes; other methods draw none.
+    swav = cfg.LOSS.name == "swav_loss"
+    num_prototypes = [int(k) for k in cfg.LOSS.swav_loss.num_prototypes] if swav else []
 
     overview = Section("Run")
     overview.facts(_run_facts(cfg, rows))
@@ -216,10 +218,36 @@ def _gallery_section(
     return section
 
 
+def _loss_facts(cfg: DictConfig) -> list[tuple[str, str]]:
+    """What the method's own section says: SwAV's prototypes and Sinkhorn, else its settings."""
+    name = cfg.LOSS.name
+    if name != "swav_loss":
+        section = cfg.LOSS.get(name) or {}
+        settings = ", ".join(f"{k} {v}" for k, v in section.items() if not OmegaConf.is_config(v))
+        return [("method", name), ("loss", settings or "-")]
+    loss = cfg.LOSS.swav_loss
+    queue = loss.queue
+    queued = (
+        f", queue {queue.queue_length} from iteration {queue.start_iter}"
+        if queue.queue_length
+        else ""
+    )
+    return [
+        (
+            "prototypes",
+            " + ".join(str(k) for k in loss.num_prototypes) + f", embedding {loss.embedding_dim}-d",
+        ),
+        (
+            "loss",
+            f"temperature {loss.temperature}, epsilon {loss.epsilon}, "
+            f"{loss.num_iters} Sinkhorn iterations{queued}",
+        ),
+    ]
+
+
 def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
     r = cfg.MODEL.TRUNK.RESNETS
     crops = cfg.DATA.TRAIN.TRANSFORMS[0]
-    loss = cfg.LOSS.swav_loss
     lr = cfg.OPTIMIZER.param_schedulers.lr
     world = int(cfg.DISTRIBUTED.NUM_NODES) * int(cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
     batch = int(cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
@@ -239,24 +267,12 @@ def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
             + (f" w{r.WIDTH_MULTIPLIER}" if r.WIDTH_MULTIPLIER != 1 else "")
             + (" (small stem)" if r.SMALL_STEM else ""),
         ),
-        (
-            "prototypes",
-            " + ".join(str(k) for k in loss.num_prototypes) + f", embedding {loss.embedding_dim}-d",
-        ),
+        *_loss_facts(cfg),
         (
             "crops",
             " + ".join(f"{n}x{s}" for n, s in zip(crops.num_crops, crops.size_crops, strict=False)),
         ),
         ("batch", f"{batch} x {world} process(es) = {batch * world}"),
-        (
-            "loss",
-            f"temperature {loss.temperature}, epsilon {loss.epsilon}, {loss.num_iters} Sinkhorn iterations"
-            + (
-                f", queue {loss.queue.queue_length} from iteration {loss.queue.start_iter}"
-                if loss.queue.queue_length
-                else ""
-            ),
-        ),
         (
             "learning rate",
             f"{lr.name}, {format_value(float(lr.scaled.base_value))} to {format_value(float(lr.scaled.end_value))}"

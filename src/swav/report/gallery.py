@@ -179,9 +179,13 @@ def compute_gallery(
 ) -> tuple[GalleryData, object]:
     """Score a fixed sample of DATA.TRAIN against the prototypes; returns the data and the dataset
     (for thumbnails). Raises GallerySkipped when the model or the images are not available."""
-    from swav.build import build_dataset_from
+    from swav.build import build_dataset_from, normalizes_prototypes
 
     model, what = load_trained_model(cfg, run_dir)
+    if not model.prototype_weights():
+        raise GallerySkipped(
+            f"the model has no prototypes (LOSS.name={cfg.LOSS.name}): there are no clusters to show"
+        )
     data = cfg.DATA.TRAIN
     try:
         dataset = build_dataset_from(cfg, data.DATA_SOURCES, data.DATA_PATHS, data.DATA_LIMIT)
@@ -197,7 +201,7 @@ def compute_gallery(
         num_workers=int(cfg.DATA.NUM_DATALOADER_WORKERS),
     )
     scores, labels = prototype_scores(
-        model, loader, device, bool(cfg.LOSS.swav_loss.normalize_last_layer)
+        model, loader, device, normalizes_prototypes(cfg)
     )
     assignments = scores.argmax(dim=1).numpy()
     num_sets = len(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS)[0][1].get("num_clusters", [0]))
