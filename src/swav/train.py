@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from tqdm import tqdm
 
 from swav import checkpoint, distributed, precision
@@ -32,6 +31,7 @@ from swav.build import (
     wrap_distributed,
 )
 from swav.config import ConfigError, to_yaml, world_size_of
+from swav.eval.monitor import run_knn_monitor
 from swav.losses import EpochContext, StepOutputs
 from swav.models import build_model
 from swav.resume import check_resume, compare_configs, saved_config
@@ -295,27 +295,8 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     iteration, start_epoch, position = 0, 0, 0
     clock = _TrainClock()
     if resume is not None:
-        core.load_state_dict(resume["model"])
+        iteration, start_epoch, position = _restore(resume, ctx, rank, world_size, batch, iters_per_epoch)
         clock.previous = float(resume.get("train_seconds", 0.0))
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        iteration, start_epoch, position = resume["iteration"], resume["epoch"], resume["position"]
-        saved_world = resume.get("world_size", 1)
-        if saved_world == world_size:
-            objective.load_state_dict(resume.get("loss_per_rank", [resume["loss"]])[rank])
-        else:
-            # Each rank's queue holds its own past embeddings: they cannot be re-dealt to another
-            # number of ranks, so the queue refills. The epoch goes on after the images already seen.
-            position = position * saved_world // world_size // batch * batch
-            # Iterations count this run's steps (another global batch): the LR schedule and the
-            # end of the run are in those units, so the count restarts from the epoch and image.
-            iteration = start_epoch * iters_per_epoch + position // batch
-            logger.info(
-                "the checkpoint was written by %d processes and this run has %d: the model and optimizer "
-                "resume, the embedding queue starts empty, the epoch continues at image %d",
-                saved_world, world_size, position * world_size,
-            )
         if iteration >= total_iters:
             logger.info("%s is already complete (%d iterations); nothing to do", run_dir, iteration)
             return {"iteration": iteration, "run_dir": str(run_dir)}
@@ -457,6 +438,33 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     return summary
 
 
+def _restore(resume: dict, ctx: StepContext, rank: int, world_size: int, batch: int,
+             iters_per_epoch: int) -> tuple[int, int, int]:
+    """Load a checkpoint's model, optimizer, scaler and this rank's objective state into `ctx`;
+    returns where to go on: (iteration, epoch, images of that epoch this rank has consumed)."""
+    unwrap(ctx.model).load_state_dict(resume["model"])
+    ctx.optimizer.load_state_dict(resume["optimizer"])
+    if ctx.scaler is not None and resume.get("scaler"):
+        ctx.scaler.load_state_dict(resume["scaler"])
+    iteration, epoch, position = resume["iteration"], resume["epoch"], resume["position"]
+    saved_world = resume.get("world_size", 1)
+    if saved_world == world_size:
+        ctx.objective.load_state_dict(resume.get("loss_per_rank", [resume["loss"]])[rank])
+        return iteration, epoch, position
+    # Each rank's queue holds its own past embeddings: they cannot be re-dealt to another number
+    # of ranks, so the queue refills. The epoch goes on after the images already seen.
+    position = position * saved_world // world_size // batch * batch
+    # Iterations count this run's steps (another global batch): the LR schedule and the end of
+    # the run are in those units, so the count restarts from the epoch and image.
+    iteration = epoch * iters_per_epoch + position // batch
+    logger.info(
+        "the checkpoint was written by %d processes and this run has %d: the model and optimizer "
+        "resume, the embedding queue starts empty (a memory bank is filled again), the epoch continues at image %d",
+        saved_world, world_size, position * world_size,
+    )
+    return iteration, epoch, position
+
+
 def _lr_restart(cfg: DictConfig, resume: dict | None, changes, iters_per_epoch: int) -> tuple[int, float] | None:
     """Where the cosine LR restarts from when a resume changed the number of epochs.
 
@@ -483,28 +491,3 @@ def _save_logged(state: dict, path: Path, keep_previous: bool = False) -> None:
         # The command prints the message; log.txt keeps it too.
         logger.error("%s", e, extra={"console": False})
         raise
-
-
-def run_knn_monitor(cfg: DictConfig, model: nn.Module, device: torch.device, epoch: int, runlog: RunLogger,
-                    data: tuple, iteration: int = 0, train_seconds: float = 0.0) -> dict:
-    """Weighted kNN of trunk features on a labelled split; optionally next to a random trunk.
-
-    `iteration` and `train_seconds` (training time so far, evaluations excluded) go into the
-    result, so that knn.json's history plots accuracy against training time."""
-    from swav.eval.knn import evaluate_knn
-
-    k = cfg.KNN_MONITOR
-    train_set, test_set = data
-    kwargs = dict(image_size=k.IMAGE_SIZE, k=k.K, temperature=k.TEMPERATURE,
-                  num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, amp=False)
-    was_training = model.training
-    results = {"epoch": epoch, "iteration": iteration, "train_seconds": round(train_seconds, 2),
-               "k": k.K, "temperature": k.TEMPERATURE}
-    results["trained"] = evaluate_knn(model.trunk, train_set, test_set, **kwargs)
-    if k.COMPARE_RANDOM_INIT:
-        torch.manual_seed(cfg.SEED_VALUE)
-        random_trunk = build_model(cfg).trunk.to(device)
-        results["random_init"] = evaluate_knn(random_trunk, train_set, test_set, **kwargs)
-    model.train(was_training)
-    runlog.log_knn(results)
-    return results
