@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swav.losses.collectives import gather_rows
-from swav.losses.objective import EpochContext, Objective, StepOutputs
+from swav.losses.objective import EpochContext, Objective, StepOutputs, check_finite_loss
 
 logger = logging.getLogger("swav")
 
@@ -160,14 +160,7 @@ class PseudoLabelObjective(Objective):
         indices = outputs.indices.to(self.bank_indices.device)
         self._remember(outputs.embeddings.detach(), indices, iteration)
         loss = self.classification_loss(self.head_scores(outputs), indices)
-        # One host sync per step, as SwAV's loss: stop at the first bad iteration.
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"{type(self).__name__} is {loss.item()} at iteration {iteration}. Try a lower learning rate "
-                "(or a longer warm-up), check the data for NaN/inf images, or disable AMP "
-                "(config.MODEL.AMP_PARAMS.USE_AMP=false)."
-            )
-        return loss
+        return check_finite_loss(loss, type(self).__name__, iteration)
 
     @torch.no_grad()
     def _remember(self, embeddings: Tensor, indices: Tensor, iteration: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -57,3 +58,14 @@ class Objective(nn.Module):
         """The loss value that means nothing was learned (uniform predictions), or None: the
         training log warns when the loss stays there."""
         return None
+
+
+def check_finite_loss(loss: Tensor, method: str, iteration: int) -> Tensor:
+    """Stop at the first non-finite loss with what to try; the one host sync of a step."""
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(
+            f"{method} loss is {loss.item()} at iteration {iteration}. Try: a lower learning rate "
+            "(or a longer warm-up); check the data for NaN/inf images; disable AMP "
+            "(config.MODEL.AMP_PARAMS.USE_AMP=false)."
+        )
+    return loss

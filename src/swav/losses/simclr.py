@@ -12,11 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from swav.losses.objective import Objective, StepOutputs
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from swav.losses.collectives import is_distributed, rank_and_world
+from swav.losses.objective import Objective, StepOutputs, check_finite_loss
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -47,7 +44,7 @@ def gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tenso
     Gradients flow: backward gives each rank the gradient of its own ``x`` summed over all ranks'
     losses. Without a process group: ``x[None]``.
     """
-    if not _distributed():
+    if not is_distributed():
         return x.unsqueeze(0)
     return _AllGatherWithGrad.apply(x, group)
 
@@ -138,15 +135,7 @@ class SimCLRLoss(Objective):
         return f"num_crops={self.num_crops}, temperature={self.temperature}, embedding_dim={self.embedding_dim}"
 
     def step(self, outputs: StepOutputs, iteration: int) -> Tensor:
-        loss = self(outputs.embeddings)
-        # One host sync per step; the price of stopping at the first bad iteration.
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"SimCLR loss is {loss.item()} at iteration {iteration}. Try: a lower learning rate "
-                "(or a longer warm-up); check the data for NaN/inf images; disable AMP "
-                "(config.MODEL.AMP_PARAMS.USE_AMP=false)."
-            )
-        return loss
+        return check_finite_loss(self(outputs.embeddings), "SimCLR", iteration)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """Scalar loss of this process's anchors; ``embeddings`` ``[num_crops * B, D]`` crop-major."""
@@ -156,9 +145,9 @@ class SimCLRLoss(Objective):
             )
         if embeddings.shape[0] % self.num_crops:
             raise ValueError(f"{embeddings.shape[0]} rows are not a multiple of num_crops={self.num_crops}")
-        if not _distributed():
+        if not is_distributed():
             return multicrop_info_nce(embeddings, self.num_crops, self.temperature)
-        world, rank = dist.get_world_size(), dist.get_rank()
+        rank, world = rank_and_world()
         # Gathered with gradient: the other processes' crops are negatives whose gradient must
         # reach the process that computed them.
         z = global_crop_major(gather_with_grad(embeddings), self.num_crops)
