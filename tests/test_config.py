@@ -217,6 +217,27 @@ def test_crops_too_small_for_the_trunk_are_refused():
     with pytest.raises(ConfigError, match="crop size 16 is too small.*SMALL_STEM"):
         load_config([crops, "config.MODEL.TRUNK.RESNETS.SMALL_STEM=false"])
     load_config([crops, "config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"])
+    # A stride-2 small stem halves every map: 16 px still reaches the last stage as 2x2, 8 px not.
+    stride2 = ["config.MODEL.TRUNK.RESNETS.SMALL_STEM=true", "config.MODEL.TRUNK.RESNETS.SMALL_STEM_STRIDE=2"]
+    load_config([crops, *stride2])
+    with pytest.raises(ConfigError, match="crop size 8 is too small.*at least 16 px"):
+        load_config([crops.replace("[32, 16]", "[32, 8]"), *stride2])
+
+
+def test_stem_stride_needs_the_small_stem_and_width_must_give_whole_channels():
+    with pytest.raises(ConfigError, match="SMALL_STEM_STRIDE=2 applies to the small 3x3 stem only"):
+        load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM_STRIDE=2"])
+    with pytest.raises(ConfigError, match="SMALL_STEM_STRIDE"):
+        load_config(["config.MODEL.TRUNK.RESNETS.SMALL_STEM=true", "config.MODEL.TRUNK.RESNETS.SMALL_STEM_STRIDE=3"])
+    with pytest.raises(ConfigError, match="WIDTH_MULTIPLIER=0.3: the stem has 64 x WIDTH_MULTIPLIER channels"):
+        load_config(["config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.3"])
+    with pytest.raises(ConfigError, match="WIDTH_MULTIPLIER"):
+        load_config(["config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0"])
+    cfg = load_config([
+        "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.5",
+        'config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [256, 64, 16], "num_clusters": [10]}]]',
+    ])
+    assert cfg.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER == 0.5
 
 
 def test_learning_rate_of_swav_8node_resnet_at_key_iterations():

@@ -47,6 +47,23 @@ def test_resnet_forward_backward_every_depth(depth, width, expected):
     assert model.conv1.weight.grad.abs().sum() > 0
 
 
+def test_fractional_width_and_stride_two_small_stem():
+    torch.manual_seed(0)
+    model = ResNet(depth=18, width_multiplier=0.25, small_stem=True, small_stem_stride=2)
+    assert model.num_features == 128 == resnet_num_features(18, 0.25)
+    assert model.conv1.weight.shape == (16, 3, 3, 3) and model.conv1.stride == (2, 2)
+    maps = model.forward_stages(torch.randn(2, 3, 32, 32), ("conv1", "res5"))
+    # Stride 2 in the stem, none in the max-pool's place: 16x16 after it, 2x2 at the end.
+    assert maps["conv1"].shape == (2, 16, 16, 16) and maps["res5"].shape == (2, 128, 2, 2)
+    out = model(torch.randn(2, 3, 32, 32))
+    (out * torch.randn_like(out)).sum().backward()
+    _assert_all_grads_finite(model)
+    with pytest.raises(ValueError, match="whole number"):
+        ResNet(depth=18, width_multiplier=0.3)
+    with pytest.raises(ValueError, match="small stem only"):
+        ResNet(depth=18, small_stem_stride=2)
+
+
 @pytest.mark.parametrize(
     "width, features, params_millions",
     # Parameter counts of the SwAV paper's wide ResNets (Table 5), without a classifier.

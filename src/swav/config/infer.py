@@ -120,7 +120,8 @@ RANGES: dict[str, Range] = {
     "DATA.SYNTHETIC.NUM_IMAGES_TEST": Range(int, f"[1, {MAX_SYNTHETIC_IMAGES}]", "images in the synthetic test split"),
     "DATA.SYNTHETIC.IMAGE_SIZE": Range(int, f"[8, {MAX_IMAGE_SIDE}]", "side of the synthetic images in pixels"),
     "DATA.SYNTHETIC.NUM_CLASSES": Range(int, "[2, 10]", "shape classes; the synthetic data has 10"),
-    "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER": Range(int, "[1, 64]", "scales every ResNet width; the paper's widest is 5"),
+    "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER": Range(float, "(0, 64]", "scales every ResNet width; the paper's widest is 5"),
+    "MODEL.TRUNK.RESNETS.SMALL_STEM_STRIDE": Range(int, "[1, 2]", "stride of the small 3x3 stem"),
     "MODEL.TRUNK.RESNETS.GROUPS": Range(int, "[1, 1024]", "ResNeXt cardinality; 1: ResNet"),
     "MODEL.TRUNK.RESNETS.WIDTH_PER_GROUP": Range(int, "[1, 1024]", "ResNeXt group width; 64: ResNet"),
     "MODEL.TRUNK.REGNET.stem_width": Range(int, "[1, 1024]", "channels of the RegNet stem"),
@@ -354,6 +355,16 @@ def check_trunk(trunk: dict) -> None:
         r = trunk["RESNETS"]
         if r["DEPTH"] not in RESNET_DEPTHS:
             raise ConfigError(f"config.MODEL.TRUNK.RESNETS.DEPTH={r['DEPTH']} is not one of {RESNET_DEPTHS}")
+        if 64 * r["WIDTH_MULTIPLIER"] != round(64 * r["WIDTH_MULTIPLIER"]):
+            raise ConfigError(
+                f"config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER={r['WIDTH_MULTIPLIER']}: the stem has "
+                "64 x WIDTH_MULTIPLIER channels, which must be a whole number (0.25, 0.5, 1, 2, ...)"
+            )
+        if r["SMALL_STEM_STRIDE"] != 1 and not r["SMALL_STEM"]:
+            raise ConfigError(
+                f"config.MODEL.TRUNK.RESNETS.SMALL_STEM_STRIDE={r['SMALL_STEM_STRIDE']} applies to the "
+                "small 3x3 stem only: also set config.MODEL.TRUNK.RESNETS.SMALL_STEM=true"
+            )
         if r["DEPTH"] in BASIC_BLOCK_DEPTHS and (r["GROUPS"], r["WIDTH_PER_GROUP"]) != (1, 64):
             raise ConfigError(
                 f"config.MODEL.TRUNK.RESNETS.GROUPS={r['GROUPS']}, WIDTH_PER_GROUP={r['WIDTH_PER_GROUP']}: "
@@ -377,7 +388,7 @@ def describe_trunk(trunk: dict) -> str:
     r = trunk["RESNETS"]
     text = f"ResNet-{r['DEPTH']}"
     if r["WIDTH_MULTIPLIER"] != 1:
-        text += f"-w{r['WIDTH_MULTIPLIER']}"
+        text += f"-w{r['WIDTH_MULTIPLIER']:g}"
     if r["GROUPS"] != 1:
         text += f" {r['GROUPS']}x{r['WIDTH_PER_GROUP']}d"
     return text
@@ -544,12 +555,12 @@ def check_processes(cfg: dict) -> None:
 
 def check_crop_sizes(cfg: dict, crops: dict) -> None:
     # A crop must still be at least 2x2 when it enters the last stage (both trunks stride 32 with
-    # their standard stems): a 1x1 map there carries no spatial information, and oneDNN's
+    # their standard stems, the small ResNet stem 8 or 16): a 1x1 map there carries no spatial information, and oneDNN's
     # bfloat16 backward of a strided 3x3 conv on a 1x1 input returns garbage gradients
     # (torch 2.14 on CPU), which shows up as a NaN loss.
     trunk = cfg["MODEL"]["TRUNK"]
     small_stem = trunk["NAME"] == "resnet" and trunk["RESNETS"]["SMALL_STEM"]
-    smallest = 8 if small_stem else 32
+    smallest = 8 * trunk["RESNETS"]["SMALL_STEM_STRIDE"] if small_stem else 32
     too_small = [s for s in crops["size_crops"] if s < smallest]
     if too_small:
         hint = "" if small_stem or trunk["NAME"] != "resnet" else (

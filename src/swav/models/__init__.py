@@ -99,7 +99,7 @@ def trunk_num_features(cfg: Any) -> int:
     if _trunk_name(cfg) == "regnet":
         return regnet_num_features(regnet_block_params(**regnet_kwargs(cfg)))
     r = _get(trunk, "RESNETS")
-    return resnet_num_features(int(_get(r, "DEPTH")), int(_get(r, "WIDTH_MULTIPLIER")))
+    return resnet_num_features(int(_get(r, "DEPTH")), float(_get(r, "WIDTH_MULTIPLIER")))
 
 
 def build_trunk(cfg: Any) -> ResNet | RegNet:
@@ -113,10 +113,11 @@ def build_trunk(cfg: Any) -> ResNet | RegNet:
     r = _get(trunk, "RESNETS")
     return ResNet(
         depth=int(_get(r, "DEPTH")),
-        width_multiplier=int(_get(r, "WIDTH_MULTIPLIER")),
+        width_multiplier=float(_get(r, "WIDTH_MULTIPLIER")),
         groups=int(_get(r, "GROUPS")),
         width_per_group=int(_get(r, "WIDTH_PER_GROUP")),
         small_stem=bool(_get(r, "SMALL_STEM")),
+        small_stem_stride=int(_get(r, "SMALL_STEM_STRIDE", 1)),
         zero_init_residual=bool(_get(r, "ZERO_INIT_RESIDUAL")),
     )
 

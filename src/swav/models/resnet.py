@@ -20,54 +20,71 @@ RESNET_ARCHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, in
 STAGE_NAMES = ("conv1", "res2", "res3", "res4", "res5")
 
 
-def resnet_num_features(depth: int, width_multiplier: int = 1) -> int:
+def stem_channels(width_multiplier: float) -> int:
+    """Channels of the stem, ``64 * width_multiplier``, which must be a whole number."""
+    channels = 64 * width_multiplier
+    if width_multiplier <= 0 or channels != round(channels):
+        raise ValueError(
+            f"width_multiplier must be positive and make 64 * width_multiplier a whole number "
+            f"(for instance 0.25, 0.5, 1, 2), got {width_multiplier}"
+        )
+    return round(channels)
+
+
+def resnet_num_features(depth: int, width_multiplier: float = 1) -> int:
     """Width of the pooled trunk output, e.g. 2048 for R50, 4096 for R50-w2, 512 for R18."""
     if depth not in RESNET_ARCHS:
         raise ValueError(
             f"ResNet depth {depth} is not supported; choose one of {sorted(RESNET_ARCHS)}"
         )
     block, _ = RESNET_ARCHS[depth]
-    return 64 * width_multiplier * 8 * block.expansion
+    return stem_channels(width_multiplier) * 8 * block.expansion
 
 
 class ResNet(nn.Module):
     """ResNet trunk returning globally average-pooled features.
 
     ``width_multiplier`` scales every width (stem and all stages) as in the SwAV paper's
-    R50-w2/w4/w5; ``groups``/``width_per_group`` give ResNeXt (32 and 4 for ResNeXt-50 32x4d).
-    ``small_stem`` replaces the 7x7/2 convolution and max-pool with one 3x3/1 convolution, for
-    32-px images. Parameter names equal torchvision's, minus ``fc``.
+    R50-w2/w4/w5 (a fraction such as 0.5 gives a narrower trunk, cheaper on a CPU); ``groups``/``width_per_group`` give ResNeXt (32 and 4 for ResNeXt-50 32x4d).
+    ``small_stem`` replaces the 7x7/2 convolution and max-pool with one 3x3 convolution of stride
+    ``small_stem_stride``, for 32-px images: stride 1 keeps the full resolution, stride 2 halves
+    every map (a quarter of the cost, twice the ImageNet stem's resolution). Parameter names equal torchvision's, minus ``fc``.
     """
 
     def __init__(
         self,
         depth: int = 50,
-        width_multiplier: int = 1,
+        width_multiplier: float = 1,
         groups: int = 1,
         width_per_group: int = 64,
         small_stem: bool = False,
         zero_init_residual: bool = False,
+        small_stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if depth not in RESNET_ARCHS:
             raise ValueError(
                 f"ResNet depth {depth} is not supported; choose one of {sorted(RESNET_ARCHS)}"
             )
-        if width_multiplier < 1:
-            raise ValueError(f"width_multiplier must be a positive integer, got {width_multiplier}")
         block, layers = RESNET_ARCHS[depth]
         if block is BasicBlock and (groups != 1 or width_per_group != 64):
             raise ValueError(
                 f"ResNet-{depth} uses basic blocks, which support only groups=1 and "
                 f"width_per_group=64 (got {groups} and {width_per_group}); use depth >= 50 for ResNeXt"
             )
+        if small_stem_stride not in (1, 2):
+            raise ValueError(f"small_stem_stride must be 1 or 2, got {small_stem_stride}")
+        if small_stem_stride != 1 and not small_stem:
+            raise ValueError("small_stem_stride applies to the small stem only: set small_stem=True")
         self.depth = depth
         self.groups = groups
         self.width_per_group = width_per_group
 
-        stem_width = 64 * width_multiplier
+        stem_width = stem_channels(width_multiplier)
         if small_stem:
-            self.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(
+                3, stem_width, kernel_size=3, stride=small_stem_stride, padding=1, bias=False
+            )
         else:
             self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)

@@ -264,8 +264,9 @@ def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
         (
             "trunk",
             f"ResNet-{r.DEPTH}"
-            + (f" w{r.WIDTH_MULTIPLIER}" if r.WIDTH_MULTIPLIER != 1 else "")
-            + (" (small stem)" if r.SMALL_STEM else ""),
+            + (f" w{r.WIDTH_MULTIPLIER:g}" if r.WIDTH_MULTIPLIER != 1 else "")
+            + (f" (small stem{', stride 2' if r.get('SMALL_STEM_STRIDE', 1) == 2 else ''})"
+               if r.SMALL_STEM else ""),
         ),
         *_loss_facts(cfg),
         (
