@@ -22,7 +22,7 @@ from swav.data import (
     build_transforms,
     collate_multicrop,
 )
-from swav.data.transforms import random_resized_crop_box
+from swav.data.transforms import ImgPilColorDistortion, random_resized_crop_box
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -397,6 +397,38 @@ def test_crops_are_a_pure_function_of_seed_epoch_index():
     shifted = ds[3][0]
     ds.set_epoch(0)
     assert not _same(shifted, first)
+
+
+def test_a_batch_gets_the_crops_each_sample_gets_alone():
+    # The loader augments whole batches; every op must give each image what the op gives that
+    # image on its own (the per-image ops are the ones checked against PIL and colorsys below).
+    ds = _multicrop(n=12)
+    batch = ds.__getitems__(list(range(12)))
+    for i, (crops, label, index, replaced) in enumerate(batch):
+        alone = ds[i]
+        assert (label, index, replaced) == alone[1:]
+        for a, b in zip(crops, alone[0], strict=True):
+            assert torch.allclose(a, b, atol=2e-5)
+    transform = ds.transform
+    samples = [
+        transform.resample(noise_image(i, size=(20 + i, 18)), torch.Generator().manual_seed(100 + i))
+        for i in range(12)
+    ]
+    together = transform.augment([([c.clone() for c in crops], draws) for crops, draws in samples])
+    for (crops, draws), batched in zip(samples, together, strict=True):
+        for x, u, got in zip(crops, draws.tolist(), batched, strict=True):
+            pos = 0
+            for op in transform.ops:  # one crop at a time, op by op
+                x = op(x, u[pos : pos + op.num_random])
+                pos += op.num_random
+            assert torch.allclose(got, x, atol=2e-5), (got - x).abs().max()  # float32 rounding, normalised
+    # Colour on its own: each slot of the random order, the grayscale and the no-jitter rows.
+    colour = ImgPilColorDistortion(strength=1.0)
+    x = torch.rand(64, 3, 6, 5, generator=torch.Generator().manual_seed(1))
+    u = torch.rand(64, colour.num_random, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    together = colour.batch(x.clone(), u)
+    for i in range(64):
+        assert torch.allclose(together[i], colour(x[i].clone(), u[i].tolist()), atol=1e-6), i
 
 
 def test_getitem_leaves_the_global_rng_alone():

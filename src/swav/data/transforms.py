@@ -109,38 +109,63 @@ class RandomHorizontalFlip:
             return img.flip(-1)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
+    def batch(self, x: Tensor, u: Tensor) -> Tensor:
+        rows = _rows(u[:, 0] < self.p)
+        if len(rows):
+            x[rows] = x[rows].flip(-1)
+        return x
+
+
+def _rows(mask: Tensor) -> Tensor:
+    return mask.nonzero().squeeze(1)
+
+
+def _per_image(factor: float | Tensor, x: Tensor, image_dims: int = 3) -> float | Tensor:
+    """A float as it is; one factor per image ([N]) shaped to broadcast over [N, 3, H, W]
+    (``image_dims`` 3) or [N, H, W] (2), in ``x``'s dtype."""
+    if not isinstance(factor, Tensor):
+        return factor
+    return factor.to(x.dtype).view(-1, *([1] * image_dims))
+
+
+# The colour functions take one image [3, H, W] with a float factor, or a batch [N, 3, H, W] with
+# a float or one factor per image ([N]): a batch of 32-px crops costs about what one crop does in
+# ~40 small tensor operations, so the loader colours a whole batch at once.
+
 
 def _luma(x: Tensor) -> Tensor:
-    """[3, H, W] -> [H, W] grey levels."""
-    return torch.matmul(_LUMA, x.reshape(3, -1)).view(x.shape[1:])  # tensordot costs more in Python
+    """[..., 3, H, W] -> [..., H, W] grey levels."""
+    flat = x.reshape(*x.shape[:-3], 3, -1)
+    return torch.matmul(_LUMA, flat).view(*x.shape[:-3], *x.shape[-2:])  # tensordot costs more in Python
 
 
-def adjust_brightness(x: Tensor, factor: float) -> Tensor:
-    """Scale towards black; ``x`` float [3, H, W] in [0, 1], changed in place."""
-    return x.mul_(factor).clamp_(0.0, 1.0)
+def adjust_brightness(x: Tensor, factor: float | Tensor) -> Tensor:
+    """Scale towards black; ``x`` float in [0, 1], changed in place."""
+    return x.mul_(_per_image(factor, x)).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x: Tensor, factor: float) -> Tensor:
+def adjust_contrast(x: Tensor, factor: float | Tensor) -> Tensor:
     """Blend with the image's mean grey level (in place)."""
-    mean = float(_LUMA @ x.mean(dim=(1, 2)))
-    return x.mul_(factor).add_((1.0 - factor) * mean).clamp_(0.0, 1.0)
+    mean = (x.mean(dim=(-2, -1)) @ _LUMA)[..., None, None, None]  # one per image
+    f = _per_image(factor, x)
+    return x.mul_(f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
 
 
-def adjust_saturation(x: Tensor, factor: float) -> Tensor:
+def adjust_saturation(x: Tensor, factor: float | Tensor) -> Tensor:
     """Blend with the pixel's own grey level (in place)."""
-    grey = _luma(x).mul_(1.0 - factor)
-    return x.mul_(factor).add_(grey).clamp_(0.0, 1.0)
+    grey = _luma(x).mul_(1.0 - _per_image(factor, x, 2)).unsqueeze(-3)
+    return x.mul_(_per_image(factor, x)).add_(grey).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: Tensor, shift: float) -> Tensor:
+def adjust_hue(x: Tensor, shift: float | Tensor) -> Tensor:
     """Rotate the HSV hue by ``shift`` turns (in [-0.5, 0.5]); value and saturation stay.
 
     Exact HSV in float (PIL's path rounds H, S and V to 8 bits): with M, m the largest and
     smallest channel, C = M - m and h the hue in sixths of a turn, channel n of the result is
     M - C * clamp(2 - |k - 2|, 0, 1), k = (h + n) mod 6, n = 5, 3, 1 for R, G, B.
     """
-    r, g, b = x
-    big, small = x.amax(dim=0), x.amin(dim=0)
+    r, g, b = x.unbind(-3)
+    big, small = x.amax(dim=-3), x.amin(dim=-3)
     chroma = big - small
     # hue * chroma: g - b where red is largest, else b - r + 2C where green is, else r - g + 4C
     # (ties to red, then green, as colorsys and PIL). Float masks: torch.where is 3x slower here.
@@ -150,15 +175,15 @@ def adjust_hue(x: Tensor, shift: float) -> Tensor:
     hue.addcmul_(is_g, (b - r).add_(chroma, alpha=2.0).sub_(hue))
     hue.addcmul_(is_r, (g - b).sub_(hue))
     hue.div_(chroma.clamp_min(1e-12))  # grey pixels: the numerator is 0
-    hue.add_(6.0 * shift + 12.0)  # > 0, so the floor below is the modulo
-    k = hue.unsqueeze(0) + _HUE_OFFSETS
+    hue.add_(6.0 * _per_image(shift, x, 2) + 12.0)  # > 0, so the floor below is the modulo
+    k = hue.unsqueeze(-3) + _HUE_OFFSETS
     k.sub_(torch.floor(k * (1.0 / 6.0)), alpha=6.0)
     k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
-    return k.mul_(chroma.neg_()).add_(big)
+    return k.mul_(chroma.neg_().unsqueeze(-3)).add_(big.unsqueeze(-3))
 
 
 def to_grayscale(x: Tensor) -> Tensor:
-    return _luma(x).expand_as(x).contiguous()
+    return _luma(x).unsqueeze(-3).expand_as(x).contiguous()
 
 
 def gaussian_kernel(sigma: float) -> list[float]:
@@ -230,6 +255,22 @@ class ImgPilColorDistortion:
             x = to_grayscale(x)
         return x
 
+    def batch(self, x: Tensor, u: Tensor) -> Tensor:
+        """``__call__`` on each image of ``x`` [N, 3, H, W] with its row of ``u`` [N, 10]:
+        each of the 4 slots of the random order takes, op by op, the images that put it there."""
+        if self.strength > 0:
+            jitter = u[:, 0] < 0.8
+            order = torch.argsort(u[:, 1:5], dim=1, stable=True)  # as sorted() above
+            for slot in range(4):
+                for k, (fn, lo, hi) in enumerate(self._ops):
+                    rows = _rows(jitter & (order[:, slot] == k))
+                    if len(rows):
+                        x[rows] = fn(x[rows], lo + (hi - lo) * u[rows, 5 + k])
+        rows = _rows(u[:, 9] < 0.2)
+        if len(rows):
+            x[rows] = to_grayscale(x[rows])
+        return x
+
 
 class ImgPilGaussianBlur:
     """Gaussian blur with probability p, radius (standard deviation, in pixels) ~ U(radius_min, radius_max)."""
@@ -249,6 +290,12 @@ class ImgPilGaussianBlur:
             return x
         return gaussian_blur(x, self.radius_min + (self.radius_max - self.radius_min) * u[1])
 
+    def batch(self, x: Tensor, u: Tensor) -> Tensor:
+        # Each image has its own kernel width: one at a time.
+        for i in _rows(u[:, 0] < self.p).tolist():
+            x[i] = self(x[i], u[i].tolist())
+        return x
+
 
 def to_float_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> float tensor [3, H, W] in [0, 1] (torchvision's ToTensor)."""
@@ -267,6 +314,9 @@ class ToTensor:
     def __call__(self, img, u: Sequence[float]) -> Tensor:
         return img if isinstance(img, Tensor) else to_float_tensor(img)
 
+    def batch(self, x: Tensor, u: Tensor) -> Tensor:
+        return x
+
 
 class Normalize:
     num_random = 0
@@ -282,6 +332,9 @@ class Normalize:
     def __call__(self, x: Tensor, u: Sequence[float]) -> Tensor:
         # In place: the tensor comes fresh from ToTensor.
         return x.sub_(self._mean).mul_(self._inv_std)
+
+    def batch(self, x: Tensor, u: Tensor) -> Tensor:
+        return self(x, [])
 
 
 _PER_CROP = {
@@ -335,11 +388,32 @@ class MultiCropTransform:
     def __call__(self, img: Image.Image, generator: torch.Generator) -> list[Tensor]:
         """Crops of ``img``; an image opened but not yet loaded (``Image.open``) is decoded here,
         in JPEG draft mode when that keeps every crop at or above its output size."""
+        return self.augment([self.resample(img, generator)])[0]
+
+    def augment(self, samples: Sequence[tuple[list[Tensor], Tensor]]) -> list[list[Tensor]]:
+        """The ops on resampled crops (``resample``'s results), for many samples at once: crop c
+        of every sample in one [N, 3, H, W] batch, each image with its own random numbers."""
+        out = [[] for _ in samples]
+        for c in range(self.total_num_crops):
+            x = torch.stack([crops[c] for crops, _ in samples])
+            u = torch.stack([draws[c] for _, draws in samples])
+            pos = 0
+            for op in self.ops:
+                x = op.batch(x, u[:, pos : pos + op.num_random])
+                pos += op.num_random
+            for crops, crop in zip(out, x.unbind(0), strict=True):
+                crops.append(crop)
+        return out
+
+    def resample(self, img: Image.Image, generator: torch.Generator) -> tuple[list[Tensor], Tensor]:
+        """The crops cut and resized (float [3, size, size] in [0, 1], no op applied yet) and the
+        ops' random numbers, one row per crop; ``augment`` finishes them."""
         # One draw for the whole sample; row c is crop c's randomness. float64 so that integer
         # positions from u * range are unbiased for any image size.
-        draws = torch.rand(
+        random = torch.rand(
             (self.total_num_crops, self._num_random), generator=generator, dtype=torch.float64
-        ).tolist()
+        )
+        draws = random.tolist()
         width, height = img.size  # from the header: no decoding yet
         boxes = [
             random_resized_crop_box(width, height, scale, u)
@@ -350,7 +424,7 @@ class MultiCropTransform:
         # antialiased resize (3x PIL's speed on a 224-px crop, within rounding of PIL's result).
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None]
         crops = []
-        for size, box, u in zip(self.size_crops_per_crop, boxes, draws, strict=True):
+        for size, box in zip(self.size_crops_per_crop, boxes, strict=True):
             left, top, right, bottom = (round(v / scale) for v in _corners(box))
             x = nnf.interpolate(
                 pixels[:, :, top:bottom, left:right],
@@ -359,13 +433,8 @@ class MultiCropTransform:
                 antialias=True,
                 align_corners=False,
             )[0]
-            x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
-            pos = 4 * _CROP_ATTEMPTS
-            for op in self.ops:
-                x = op(x, u[pos : pos + op.num_random])
-                pos += op.num_random
-            crops.append(x)
-        return crops
+            crops.append(x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0))
+        return crops, random[:, 4 * _CROP_ATTEMPTS :]
 
     def __repr__(self) -> str:
         ops = ", ".join(type(op).__name__ for op in self.ops)
