@@ -21,9 +21,16 @@ from swav.cli import guarded
 from swav.config import load_config
 from swav.data.synthetic import SyntheticShapes
 from swav.models import build_model
-from swav.report import build_report, main, prototype_usage, usage_stats
+from swav.report import build_report, main, plots, prototype_usage, usage_stats
+from swav.report.compare import CompareError, build_comparison
 from swav.report.gallery import compute_gallery
-from swav.report.runfiles import read_eval_results, read_metrics, results_table
+from swav.report.runfiles import (
+    knn_history,
+    knn_over_time,
+    read_eval_results,
+    read_metrics,
+    results_table,
+)
 from swav.train import train
 
 RUN = [
@@ -289,3 +296,136 @@ def test_class_names_with_tex_specials_are_shown_literally(run_dir, tmp_path, mo
     captions = [t for t in texts if t.get_text().startswith("prototype ")]
     assert any(t.get_text().endswith("% cls$\\foo$") for t in captions)
     assert all(not t.get_parse_math() and not t.get_usetex() for t in captions)
+
+
+def knn_entry(epoch: int, seconds: float | None, top1: float, random_top1: float = 10.0) -> dict:
+    """One kNN monitor result as eval/monitor.py writes it."""
+    entry = {"epoch": epoch, "iteration": 100 * epoch, "k": 20, "temperature": 0.1}
+    if seconds is not None:
+        entry["train_seconds"] = seconds
+    entry["trained"] = {"top1": top1, "top5": top1 + 30}
+    entry["random_init"] = {"top1": random_top1, "top5": 50.0}
+    return entry
+
+
+def write_knn_run(folder: Path, entries: list[dict], with_history: bool = True) -> Path:
+    """A run folder whose knn.json is what runlog.log_knn leaves: the latest result plus `history`
+    (with_history=False: the single record of older versions)."""
+    folder.mkdir(parents=True)
+    data = {**entries[-1], "history": entries} if with_history else entries[-1]
+    (folder / "knn.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture
+def two_runs(tmp_path) -> list[Path]:
+    # Best is not last in the first run, so the table's two top-1 columns differ.
+    swav = write_knn_run(
+        tmp_path / "runs" / "swav",
+        [knn_entry(5, 120.0, 30.5), knn_entry(10, 240.0, 41.25), knn_entry(15, 390.0, 39.0)],
+    )
+    simclr = write_knn_run(
+        tmp_path / "runs" / "simclr", [knn_entry(4, 90.0, 35.0)], with_history=False
+    )
+    return [swav, simclr]
+
+
+def table_rows(html_text: str) -> dict[str, list[str]]:
+    rows = re.findall(r"<tr><th>([^<]*)</th>((?:<td[^>]*>[^<]*</td>)+)</tr>", html_text)
+    return {name: re.findall(r"<td[^>]*>([^<]*)</td>", cells) for name, cells in rows}
+
+
+def record_comparison_plot(monkeypatch) -> list:
+    calls = []
+    original = plots.knn_against_time
+
+    def recording(runs, path):
+        calls.append((runs, path))
+        original(runs, path)
+
+    monkeypatch.setattr(plots, "knn_against_time", recording)
+    return calls
+
+
+def test_comparison_page_plot_and_table(two_runs, tmp_path, monkeypatch):
+    calls = record_comparison_plot(monkeypatch)
+    out = tmp_path / "page" / "recipes.html"
+    summary = build_comparison(two_runs, output=out)
+    png = tmp_path / "page" / "recipes_knn.png"
+    assert summary["html"] == out and summary["images"] == [png]
+    assert referenced_images(out) == [png]
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 200
+        im.verify()
+    # One line per run: training minutes (train_seconds / 60) against the trained trunk's top-1.
+    assert calls == [
+        (
+            [
+                ("swav", [(2.0, 30.5), (4.0, 41.25), (6.5, 39.0)]),
+                ("simclr", [(1.5, 35.0)]),
+            ],
+            png,
+        )
+    ]
+    # run, final epoch, training minutes, last top-1, best top-1
+    assert table_rows(out.read_text()) == {
+        "swav": ["15", "6.5", "39.00", "41.25"],
+        "simclr": ["4", "1.5", "35.00", "35.00"],
+    }
+
+
+def test_comparison_from_the_command_line_with_labels(two_runs, tmp_path, monkeypatch, capsys):
+    calls = record_comparison_plot(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    argv = [str(d) for d in two_runs] + ["--label", "SwAV 2x32", "--label", "Sim$CLR$"]
+    assert main(argv) == 0
+    out = tmp_path / "report_compare.html"
+    assert "comparison written to" in capsys.readouterr().out
+    assert referenced_images(out) == [tmp_path / "report_compare_knn.png"]
+    assert [label for label, _ in calls[0][0]] == ["SwAV 2x32", "Sim$CLR$"]
+    rows = table_rows(out.read_text())
+    assert list(rows) == ["SwAV 2x32", "Sim$CLR$"] and rows["SwAV 2x32"][0] == "15"
+
+
+def test_comparison_errors_name_the_problem(two_runs, tmp_path, capsys):
+    bare = tmp_path / "runs" / "no_monitor"
+    bare.mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"no_monitor has no knn.json.*KNN_MONITOR\.ENABLED=true"
+    ):
+        build_comparison([two_runs[0], bare], output=tmp_path / "x.html")
+    assert guarded(lambda: main([str(two_runs[0]), str(bare)])) == 2
+    assert "no_monitor has no knn.json" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="gone is not a folder"):
+        build_comparison([two_runs[0], tmp_path / "gone"], output=tmp_path / "x.html")
+    # A knn.json of `swav knn` (no epoch) cannot be placed in training time.
+    (bare / "knn.json").write_text(json.dumps({"k20": {"top1": 50.0}, "temperature": 0.1}))
+    with pytest.raises(CompareError, match="no_monitor/knn.json holds no kNN result measured"):
+        build_comparison([two_runs[0], bare], output=tmp_path / "x.html")
+
+    with pytest.raises(CompareError, match="1 --label for 2 runs"):
+        build_comparison(two_runs, output=tmp_path / "x.html", labels=["one"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(d) for d in two_runs] + ["--label", "one"])
+    assert exit_info.value.code == 2 and "1 --label for 2 runs" in capsys.readouterr().err
+    with pytest.raises(CompareError, match="labelled same: name each run with --label"):
+        build_comparison(two_runs, output=tmp_path / "x.html", labels=["same", "same"])
+    with pytest.raises(SystemExit):
+        main([str(two_runs[0]), "--label", "one"])  # a label needs a comparison
+    assert not (tmp_path / "x.html").exists()
+    # One folder is still the one-run page, with its own checks.
+    assert guarded(lambda: main([str(two_runs[0])])) == 2
+    assert "not a swav run folder" in capsys.readouterr().err
+
+
+def test_knn_readers_share_knn_json(tmp_path):
+    run = write_knn_run(
+        tmp_path / "run",
+        [knn_entry(1, None, 20.0, 9.0), knn_entry(2, 60.0, 25.0, 9.5), knn_entry(3, 90.5, 27.5)],
+    )
+    # Without train_seconds (older versions) a result has an epoch but no place in time.
+    assert knn_over_time(run) == [(2, 60.0, 25.0), (3, 90.5, 27.5)]
+    assert knn_history(run) == {
+        "trained": [(1, 20.0), (2, 25.0), (3, 27.5)],
+        "random_init": [(1, 9.0), (2, 9.5), (3, 10.0)],
+    }

@@ -37,7 +37,9 @@ commands:
   svm       per-class linear SVMs: mAP (VOC07, A.5), low-shot -> svm.json
   export    swav export CHECKPOINT OUT.pth: the trunk as a torchvision-style state dict
   report    an HTML page about a run: curves, evaluation results, cluster gallery
-            (swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery])
+            (swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery]);
+            several runs' kNN top-1 against training minutes on one plot
+            (swav report RUN_DIR RUN_DIR2 ... [--label NAME ...] [--output PATH])
 
 examples:
   swav train
@@ -45,6 +47,7 @@ examples:
   swav train config=pretrain/swav/swav_8node_resnet +config/pretrain/swav/models=resnet101
   swav config config=my_experiment.yaml config.OPTIMIZER.num_epochs=100
   swav knn config=benchmark/knn/knn_cifar10 config.MODEL.WEIGHTS_INIT.PARAMS_FILE=RUN/model_final_checkpoint.torch
+  swav report ./checkpoints/swav_cifar10_resnet18 ./checkpoints/simclr_cifar10_resnet18
 """
 
 # Commands that live in their own modules: name -> "module:function", the function takes the

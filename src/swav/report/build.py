@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from swav.report import plots
+from swav.report.compare import DEFAULT_OUTPUT, CompareError, build_comparison
 from swav.report.gallery import (
     GallerySkipped,
     center_crop,
@@ -300,37 +301,60 @@ def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str]) -> int:
-    """`swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery]`."""
+    """`swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery]`, or with several
+    run folders `swav report RUN_DIR RUN_DIR2 ... [--label NAME ...] [--output PATH]`."""
     parser = argparse.ArgumentParser(
         prog="swav report",
         description="An HTML page about a training run: curves, evaluation results and a cluster gallery. "
+        "With several run folders, a page comparing their kNN top-1 against training minutes. "
         "Opens in a browser from disk.",
     )
-    parser.add_argument("run_dir", help="the run folder (config.CHECKPOINT.DIR of a training run)")
+    parser.add_argument(
+        "run_dir",
+        nargs="+",
+        help="the run folder (config.CHECKPOINT.DIR of a training run); several to compare them "
+        "(each needs the knn.json of the kNN monitor)",
+    )
     parser.add_argument(
         "--output",
         default=None,
-        help="the HTML file (default RUN_DIR/report/index.html); PNGs go next to it",
+        help=f"the HTML file (default RUN_DIR/report/index.html, ./{DEFAULT_OUTPUT} for several runs); "
+        "PNGs go next to it",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="comparison only: the run's name in the plot and table (default: its folder's name); "
+        "give it once per run folder, in the same order",
     )
     parser.add_argument(
         "--num-images",
         type=_positive,
         default=DEFAULT_NUM_IMAGES,
         help=f"training images scored for the gallery (default {DEFAULT_NUM_IMAGES}); use several "
-        "times the number of prototypes for a telling usage histogram",
+        "times the number of prototypes for a telling usage histogram (one-run page only)",
     )
     parser.add_argument(
-        "--no-gallery", action="store_true", help="plots and results only: no model, no images"
+        "--no-gallery",
+        action="store_true",
+        help="plots and results only: no model, no images (a comparison never has a gallery)",
     )
     parser.add_argument(
         "--image-size",
         type=_positive,
         default=None,
-        help="centre-crop size for the gallery (default: the training's large crop size)",
+        help="centre-crop size for the gallery (default: the training's large crop size; "
+        "one-run page only)",
     )
     args = parser.parse_args(argv)
+    if len(args.run_dir) > 1:
+        return _compare(parser, args)
+    if args.label is not None:
+        parser.error("--label names runs in a comparison: give two or more run folders")
     summary = build_report(
-        args.run_dir,
+        args.run_dir[0],
         output=args.output,
         num_images=args.num_images,
         gallery=not args.no_gallery,
@@ -340,6 +364,20 @@ def main(argv: list[str]) -> int:
         print(f"note: {text}")
     html_path = Path(summary["html"]).resolve()
     print(f"report written to {html_path}\nopen it in a browser: {html_path.as_uri()}")
+    return 0
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # The gallery options belong to the one-run page; the comparison only reads knn.json.
+    try:
+        summary = build_comparison(args.run_dir, output=args.output, labels=args.label)
+    except CompareError as e:
+        parser.error(str(e))
+    html_path = Path(summary["html"]).resolve()
+    print(
+        f"comparison written to {html_path} (plot: {summary['images'][0].resolve()})\n"
+        f"open it in a browser: {html_path.as_uri()}"
+    )
     return 0
 
 

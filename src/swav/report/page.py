@@ -54,6 +54,17 @@ class Section:
         )
         self.parts.append(f'<table class="facts">{body}</table>')
 
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """A table of already formatted cells: the first column names the row, the rest are numbers."""
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join(
+            f"<tr><th>{html.escape(name)}</th>"
+            + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells)
+            + "</tr>"
+            for name, *cells in rows
+        )
+        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+
     def results(self, table: ResultTable) -> None:
         self.parts.append(f'<p class="file">{html.escape(table.file)}</p>')
         if table.error:

@@ -105,6 +105,25 @@ def knn_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     _save(fig, path)
 
 
+def knn_against_time(
+    runs: Sequence[tuple[str, Sequence[tuple[float, float]]]], path: Path
+) -> None:
+    """Several runs' kNN top-1 against training minutes: one line per run, [(label, [(minutes, top1)])]."""
+    fig = _figure(9.0, 4.2)
+    ax = fig.subplots()
+    _style(ax)
+    for label, points in runs:
+        minutes, top1 = zip(*points, strict=True)
+        # Labels are folder names: a "$" is shown as itself, not taken to start mathtext.
+        shown = label.replace("$", r"\$")
+        ax.plot(minutes, top1, marker="o", markersize=4, linewidth=1.6, label=shown)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training minutes (kNN evaluations excluded)")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.legend(frameon=False, fontsize=9)
+    _save(fig, path)
+
+
 def usage_histogram(counts: np.ndarray, path: Path) -> None:
     """Images per prototype, sorted, against the uniform level N / K."""
     counts = np.sort(np.asarray(counts))[::-1]

@@ -105,20 +105,46 @@ def knn_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
                         points[name][int(e.step)] = float(e.value)
         except Exception:  # noqa: BLE001 - a damaged event file must not stop the report
             pass
-    data = _read_json(run_dir / "knn.json")
-    if isinstance(data, dict):
-        entries = [data] + [h for h in data.get("history", []) if isinstance(h, dict)]
-        for entry in entries:
-            epoch = entry.get("epoch")
-            if not isinstance(epoch, int):
-                continue  # a stand-alone evaluation, not a training-time measurement
-            for name in points:
-                top1 = (
-                    entry.get(name, {}).get("top1") if isinstance(entry.get(name), dict) else None
-                )
-                if _is_number(top1):
-                    points[name][epoch] = float(top1)
+    for entry in _knn_entries(run_dir):
+        for name in points:
+            top1 = _top1(entry, name)
+            if top1 is not None:
+                points[name][entry["epoch"]] = top1
     return {name: sorted(p.items()) for name, p in points.items() if p}
+
+
+def knn_over_time(run_dir: Path) -> list[tuple[int, float, float]]:
+    """The trained trunk's kNN top-1 with the training time it took: [(epoch, train_seconds, top1)].
+
+    Read from knn.json alone (TensorBoard events carry no training time). Results without
+    `train_seconds` (files from before it was recorded) cannot be placed in time and are left out.
+    """
+    points = {}
+    for entry in _knn_entries(run_dir):
+        top1, seconds = _top1(entry, "trained"), entry.get("train_seconds")
+        if top1 is not None and _is_number(seconds):
+            points[entry["epoch"]] = (float(seconds), top1)
+    return [(epoch, seconds, top1) for epoch, (seconds, top1) in sorted(points.items())]
+
+
+def _knn_entries(run_dir: Path) -> list[dict]:
+    """The training-time results in knn.json: the latest record and its `history`, if any.
+
+    A file from before `history` existed is a single record. The latest record repeats the last
+    history entry; readers key by epoch, so it counts once.
+    """
+    data = _read_json(run_dir / "knn.json")
+    if not isinstance(data, dict):
+        return []
+    entries = [data] + [h for h in data.get("history", []) if isinstance(h, dict)]
+    # Without an epoch it is a stand-alone evaluation (`swav knn`), not a training-time measurement.
+    return [e for e in entries if isinstance(e.get("epoch"), int)]
+
+
+def _top1(entry: dict, name: str) -> float | None:
+    result = entry.get(name)
+    top1 = result.get("top1") if isinstance(result, dict) else None
+    return float(top1) if _is_number(top1) else None
 
 
 @dataclass
