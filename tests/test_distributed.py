@@ -241,11 +241,12 @@ def test_two_processes_train_like_one(one_and_two_processes):
     # gradients: the runs differ only by float32 summation order.
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=1e-4, atol=1e-4)
     one, two = (torch.load(root / r / "checkpoint.torch", weights_only=False) for r in ("one", "two"))
-    # The momentum buffers hold the gradients of both iterations. Measured: at most 1.2 % apart
-    # (the second gradient amplifies the first one's rounding); with BatchNorm statistics per rank
+    # The momentum buffers hold the gradients of both iterations (the second gradient amplifies
+    # the first one's rounding). Measured apart: at most 1.2 % on AMD EPYC CPUs, up to 7.6 % on an
+    # Intel Xeon with AMX (other kernels, other rounding); with BatchNorm statistics per rank
     # instead of synchronised they are 200 % apart, and a gradient summed over ranks is 100 % off.
     momentum = [{i: s["momentum_buffer"] for i, s in ckpt["optimizer"]["state"].items()} for ckpt in (one, two)]
-    _assert_tensors_close(*momentum, rtol=3e-2)
+    _assert_tensors_close(*momentum, rtol=0.15)
     weights = [{k: v for k, v in ckpt["model"].items() if v.is_floating_point()} for ckpt in (one, two)]
     _assert_tensors_close(*weights, rtol=1e-4)
 
