@@ -101,8 +101,9 @@ class RunLogger:
         predictions, nothing learned); None: the objective has no such level."""
         if level is None or not self.enabled or self.collapse_warned or epoch < 1 or not math.isfinite(loss):
             return
-        # Near the level from both sides: a loss far above it is divergence, not uniform codes.
-        if abs(loss - level) < 0.03 * level:
+        # Within 1 % from both sides: uniform predictions give ln K itself, while a run that learns
+        # may still be 2-3 % below it after one epoch of warm-up; a loss far above is divergence.
+        if abs(loss - level) < 0.01 * level:
             self.collapse_warned = True
             logger.warning(
                 "the loss %.3f is still near ln(K)=%.3f after %d epochs: the predictions look uniform (collapse). "
