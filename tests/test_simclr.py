@@ -353,3 +353,33 @@ def test_a_swav_head_without_prototypes_trains_too(tmp_path):
                       + ["config.KNN_MONITOR.ENABLED=false"])
     train(cfg)
     assert len(_logged_losses(tmp_path)) == 2
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def test_the_15_minute_recipe_is_the_cpu_recipe_with_the_screens_trunk_and_epochs(tmp_path):
+    # Fails if the budget recipe drifts from the recipe it was measured as (a quarter-width
+    # ResNet-18, stride-1 3x3 stem, 5 epochs), or if that trunk does not train at 32 px.
+    from omegaconf import OmegaConf
+
+    def tree(recipe: str) -> dict:
+        return _flat(OmegaConf.to_container(load_config([recipe]), resolve=True))
+
+    fast, base = tree("config=pretrain/simclr/simclr_cifar10_15min"), tree(CIFAR)
+    changed = {key: fast[key] for key in fast if fast[key] != base.get(key)}
+    assert changed == {
+        "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER": 0.25,
+        "MODEL.TRUNK.RESNETS.SMALL_STEM": True,
+        "MODEL.HEAD.PARAMS": [["mlp", {"dims": [128, 2048, 128], "use_bn": True}]],
+        "OPTIMIZER.num_epochs": 5,
+        "KNN_MONITOR.EPOCH_FREQUENCY": 2,
+        "CHECKPOINT.DIR": "./checkpoints/simclr_cifar10_15min",
+    }
+    recipe = _cpu_recipe(tmp_path, '[["mlp", {"dims": [128, 2048, 128], "use_bn": true}]]')
+    recipe[0] = "config=pretrain/simclr/simclr_cifar10_15min"
+    train(load_config([*recipe, "config.KNN_MONITOR.ENABLED=false"]))
+    assert all(math.isfinite(v) for v in _logged_losses(tmp_path))
