@@ -1,4 +1,5 @@
-"""Checkpoints and the run folder: atomic writes, the previous checkpoint kept, safe loads, the lock.
+"""Checkpoints and the run folder: what a training state holds, atomic writes, the previous
+checkpoint kept, safe loads, the lock.
 
 A run folder belongs to one `swav train` at a time (an OS lock that dies with the process), holds
 the latest training state (`checkpoint.torch`) and the one before it (`checkpoint.prev.torch`), and
@@ -53,6 +54,35 @@ class DamagedCheckpoint(CheckpointError):
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
+
+
+def training_state(core: torch.nn.Module, optimizer: torch.optim.Optimizer, objective_states: list[dict], *,
+                   world_size: int, scaler: torch.amp.GradScaler | None, iteration: int, epoch: int,
+                   position: int, train_seconds: float, lr_restart: tuple[int, float] | None,
+                   config_yaml: str) -> dict:
+    """The training state a run resumes from (`checkpoint.torch`).
+
+    `core` is the model without its DistributedDataParallel wrapper, so the weights load in any
+    number of processes. `objective_states` holds every rank's objective state in rank order
+    (each rank's queue is its own); `loss` repeats rank 0's, for readers that expect a single
+    state (a checkpoint without `loss_per_rank` resumes from it). `position` counts the samples
+    of `epoch` each rank has consumed; `train_seconds` the training time so far, across resumes.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": core.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loss": objective_states[0],
+        "loss_per_rank": objective_states,
+        "world_size": world_size,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "iteration": iteration,
+        "epoch": epoch,
+        "position": position,
+        "train_seconds": train_seconds,
+        "lr_restart": list(lr_restart) if lr_restart else None,
+        "config": config_yaml,
+    }
 
 
 def _umask() -> int:

@@ -11,8 +11,11 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -34,7 +37,7 @@ from swav.config import ConfigError, to_yaml, world_size_of
 from swav.eval.monitor import run_knn_monitor
 from swav.losses import EpochContext, StepOutputs
 from swav.models import build_model
-from swav.resume import check_resume, compare_configs, saved_config
+from swav.resume import ConfigChanges, check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
 
 logger = logging.getLogger("swav")
@@ -254,36 +257,121 @@ def _write_train_config(cfg: DictConfig, run_dir: Path, changed: bool) -> None:
 
 
 def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size: int) -> dict:
+    """This process's part of a run: set up, restore what it resumes, train the remaining epochs,
+    save the final model; a stop saves the state to resume from instead."""
+    resume, ckpt_path = _resume_state(cfg, Path(cfg.CHECKPOINT.DIR), rank == 0)
+    changes, notes = _resume_changes(cfg, resume, ckpt_path, world_size)
+    run = _set_up(cfg, rank, world_size, resume, changes, notes)
+    if resume is not None:
+        run.iteration, run.epoch, run.position = _restore(resume, run.ctx, rank, world_size, run.batch, run.iters_per_epoch)
+        run.clock.previous = float(resume.get("train_seconds", 0.0))
+        if run.iteration >= run.total_iters:
+            logger.info("%s is already complete (%d iterations); nothing to do", run.run_dir, run.iteration)
+            return {"iteration": run.iteration, "run_dir": str(run.run_dir)}
+        logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, run.epoch, run.iteration)
+    _start(run)
+
+    stopped = False
+    with _StopSignals(deferred=world_size > 1) as signals:
+        try:
+            for epoch in range(run.epoch, cfg.OPTIMIZER.num_epochs):
+                run.epoch = epoch
+                # run.position is 0 except in the epoch that a resumed run starts inside.
+                run.sampler.set_epoch(epoch, start_index=run.position)
+                run.dataset.set_epoch(epoch)
+                run.ctx.objective.start_epoch(epoch, run.epoch_context)  # methods with an assignment phase compute targets here
+                replaced = train_one_epoch(run, epoch, signals, stop_after_iters)
+                _end_epoch(run, epoch, replaced)
+        except _StopNow as e:
+            stopped = True
+            logger.info("stopped at once (%s) inside iteration %d, which is not saved; rerun the same command "
+                        "to resume from the last checkpoint", e, run.iteration + 1)
+        except (_StopRequested, KeyboardInterrupt) as e:
+            stopped = True
+            _save_on_stop(run, e)
+    if stopped:
+        run.runlog.close()
+        return {"iteration": run.iteration, "run_dir": str(run.run_dir), "stopped": True}
+    return _finish(run)
+
+
+@dataclass(eq=False)
+class _Run:
+    """What the steps, epochs and checkpoints of one run share, and where the run is.
+
+    _set_up builds it; what exists only once the run is known to train (the metrics files, the
+    start of the speed and ETA clock) _start adds.
+    """
+
+    cfg: DictConfig
+    run_dir: Path
+    rank: int
+    world_size: int
+    main_process: bool
+    device: torch.device
+    dataset: Any
+    sampler: Any
+    loader: Any
+    knn_data: tuple | None
+    batch: int  # per process
+    iters_per_epoch: int
+    total_iters: int
+    global_batch: int
+    model: torch.nn.Module  # wrapped in DistributedDataParallel when there are several processes
+    core: torch.nn.Module  # the model itself: what is saved and evaluated
+    ctx: StepContext
+    autocast_dtype: torch.dtype | None  # None: float32
+    lr_schedule: np.ndarray
+    lr_restart: tuple[int, float] | None
+    clock: _TrainClock
+    # Where the run is: iterations done, the epoch, and the images of it this process has consumed.
+    iteration: int = 0
+    epoch: int = 0
+    position: int = 0
+    saved_at: int = -1  # the iteration of the latest checkpoint this run wrote
+    # Set by _start.
+    runlog: RunLogger | None = None
+    collapse_level: float | None = None
+    epoch_context: EpochContext | None = None
+    start_iteration: int = 0
+    start_time: float = 0.0
+
+
+def _resume_changes(cfg: DictConfig, resume: dict | None, ckpt_path: Path | None,
+                    world_size: int) -> tuple[ConfigChanges | None, list[str]]:
+    """How the config differs from the resumed checkpoint's, and the log lines that say so;
+    ConfigError for changes that are refused."""
+    if resume is None:
+        return None, []
+    # Checked before anything is written: a refused resume leaves the folder as it was.
+    saved_world = resume.get("world_size", 1)
+    changes = compare_configs(saved_config(resume), OmegaConf.to_container(cfg),
+                              world_size_changed=saved_world != world_size)
+    return changes, check_resume(changes, str(ckpt_path), accept=cfg.CHECKPOINT.RESUME_CHANGED)
+
+
+def _set_up(cfg: DictConfig, rank: int, world_size: int, resume: dict | None,
+            changes: ConfigChanges | None, notes: list[str]) -> _Run:
+    """Data, model, objective, optimizer and LR schedule, at iteration 0; the run folder gets
+    the config. Of `resume`, only the LR schedule's restart point is read here."""
     main_process = rank == 0
     run_dir = Path(cfg.CHECKPOINT.DIR)
-    resume, ckpt_path = _resume_state(cfg, run_dir, main_process)
-    changes = None
-    if resume is not None:
-        # Checked before anything is written: a refused resume leaves the folder as it was.
-        saved_world = resume.get("world_size", 1)
-        changes = compare_configs(saved_config(resume), OmegaConf.to_container(cfg),
-                                  world_size_changed=saved_world != world_size)
-        notes = check_resume(changes, str(ckpt_path), accept=cfg.CHECKPOINT.RESUME_CHANGED)
-
     device = select_device(cfg)
     torch.manual_seed(cfg.SEED_VALUE)  # the same initial weights in every process
     dataset, sampler, loader = build_train_data(cfg, rank, world_size, device)
     knn_data = build_knn_data(cfg) if cfg.KNN_MONITOR.ENABLED else None  # a bad path fails now, not after training
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     iters_per_epoch = len(sampler) // batch
-    total_iters = cfg.OPTIMIZER.num_epochs * iters_per_epoch
-    global_batch = batch * world_size
 
     model = place_model(cfg, build_model(cfg), device)
     if world_size > 1:
         model = wrap_distributed(cfg, model, device)
     ctx = build_step_context(cfg, model, device)
-    core, objective, optimizer, scaler = unwrap(model), ctx.objective, ctx.optimizer, ctx.scaler
     # Only now that data, model and objective are built (each may refuse the config) does the run
     # folder get this run's config.
     if main_process:
         _write_train_config(cfg, run_dir, changed=changes is not None and changes.any)
-        for line in notes if changes is not None else []:
+        for line in notes:
             logger.info(line)
     amp = cfg.MODEL.AMP_PARAMS
     dtype = amp_dtype(cfg, device)
@@ -291,150 +379,148 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
         logger.info("AMP_ARGS %s are apex options; mapped to torch.autocast(%s)", dict(amp.AMP_ARGS), dtype)
     lr_restart = _lr_restart(cfg, resume, changes, iters_per_epoch)
     lr_schedule = build_lr_schedule(cfg, iters_per_epoch, restart=lr_restart)
+    return _Run(
+        cfg=cfg, run_dir=run_dir, rank=rank, world_size=world_size, main_process=main_process,
+        device=device, dataset=dataset, sampler=sampler, loader=loader, knn_data=knn_data,
+        batch=batch, iters_per_epoch=iters_per_epoch, total_iters=cfg.OPTIMIZER.num_epochs * iters_per_epoch,
+        global_batch=batch * world_size, model=model, core=unwrap(model), ctx=ctx, autocast_dtype=dtype,
+        lr_schedule=lr_schedule, lr_restart=lr_restart, clock=_TrainClock(),
+    )
 
-    iteration, start_epoch, position = 0, 0, 0
-    clock = _TrainClock()
-    if resume is not None:
-        iteration, start_epoch, position = _restore(resume, ctx, rank, world_size, batch, iters_per_epoch)
-        clock.previous = float(resume.get("train_seconds", 0.0))
-        if iteration >= total_iters:
-            logger.info("%s is already complete (%d iterations); nothing to do", run_dir, iteration)
-            return {"iteration": iteration, "run_dir": str(run_dir)}
-        logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, start_epoch, iteration)
 
-    saved_at = [-1]  # the iteration of the latest checkpoint this run wrote
-
-    def save(path_name: str, epoch: int, position: int) -> None:
-        # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
-        saved_at[0] = iteration
-        loss_states = distributed.gather_objects({k: v.cpu() for k, v in objective.state_dict().items()})
-        if not main_process:
-            return
-        state = {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loss": loss_states[0],
-            "loss_per_rank": loss_states,
-            "world_size": world_size,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "iteration": iteration,
-            "epoch": epoch,
-            "position": position,  # samples of `epoch` each rank has consumed
-            "train_seconds": clock.seconds(),
-            "lr_restart": list(lr_restart) if lr_restart else None,
-            "config": to_yaml(cfg),
-        }
-        checkpoint.check_finite(state["model"], [], iteration)
-        _save_logged(state, run_dir / path_name, keep_previous=True)
-
-    runlog = RunLogger(run_dir, enabled=main_process)
-    collapse_level = objective.collapse_level()
+def _start(run: _Run) -> None:
+    """Open the metrics, log what trains, and start the clocks of the speed and the ETA."""
+    cfg = run.cfg
+    run.runlog = RunLogger(run.run_dir, enabled=run.main_process)
+    run.collapse_level = run.ctx.objective.collapse_level()
     logger.info(
         "training: %d images, %d processes, global batch %d (%d per process), %d iterations per epoch, "
         "%d epochs, device %s, %s, channels_last %s",
-        len(dataset), world_size, global_batch, batch, iters_per_epoch, cfg.OPTIMIZER.num_epochs,
-        device, precision.describe(amp.USE_AMP, device, dtype), cfg.MODEL.CHANNELS_LAST,
+        len(run.dataset), run.world_size, run.global_batch, run.batch, run.iters_per_epoch, cfg.OPTIMIZER.num_epochs,
+        run.device, precision.describe(cfg.MODEL.AMP_PARAMS.USE_AMP, run.device, run.autocast_dtype), cfg.MODEL.CHANNELS_LAST,
     )
     # What an objective's assignment phase may ask of the model before an epoch (a memory-bank pass).
-    epoch_context = EpochContext(
-        embed=lambda crops: embed_epoch(ctx, loader, sampler, crops),
-        prototypes=lambda: [w.detach() for w in core.prototype_weights()],
+    run.epoch_context = EpochContext(
+        embed=lambda crops: embed_epoch(run.ctx, run.loader, run.sampler, crops),
+        prototypes=lambda: [w.detach() for w in run.core.prototype_weights()],
     )
-    model.train()
-    start_time = time.perf_counter()
-    start_iteration = iteration
-    stopped = False
-    with _StopSignals(deferred=world_size > 1) as signals:
-        try:
-            for epoch in range(start_epoch, cfg.OPTIMIZER.num_epochs):
-                first = position // batch if epoch == start_epoch else 0
-                sampler.set_epoch(epoch, start_index=position if epoch == start_epoch else 0)
-                dataset.set_epoch(epoch)
-                objective.start_epoch(epoch, epoch_context)  # methods with an assignment phase compute targets here
-                replaced = 0
-                window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
-                bar = tqdm(
-                    total=iters_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.OPTIMIZER.num_epochs}",
-                    disable=None if main_process else True, dynamic_ncols=True, leave=False, file=sys.stderr,
-                )
-                for step_in_epoch, batch_data in enumerate(loader, start=first):
-                    lr = float(lr_schedule[min(iteration, len(lr_schedule) - 1)])
-                    loss = train_step(ctx, batch_data["crops"], iteration, lr, indices=batch_data["indices"])
-                    replaced += int(batch_data["replaced"].sum())
-                    window_loss += loss
-                    window_iters += 1
-                    iteration += 1
-                    position = (step_in_epoch + 1) * batch
-                    bar.update(1)
-                    if iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == iters_per_epoch:
-                        # One host sync per logging window, not per iteration; the loss is the mean over ranks.
-                        elapsed = time.perf_counter() - window_start
-                        mean_loss = distributed.mean_over_ranks(window_loss).item() / window_iters
-                        speed = window_iters * global_batch / max(elapsed, 1e-9)
-                        done = (iteration - start_iteration) / max(time.perf_counter() - start_time, 1e-9)
-                        eta = (total_iters - iteration) / max(done, 1e-9)
-                        runlog.log_step(
-                            iteration=iteration, epoch=epoch, loss=mean_loss, lr=lr, images_per_sec=speed,
-                            eta_seconds=eta, train_seconds=clock.seconds(), quiet=not bar.disable,
-                        )
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
-                        runlog.check_collapse(mean_loss, collapse_level, epoch)
-                        window_loss, window_start, window_iters = torch.zeros((), device=device), time.perf_counter(), 0
-                        if signals.deferred and distributed.any_rank(signals.requested is not None, device):
-                            raise _StopRequested(signals.requested or "a signal to another process")
-                    if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
-                        save(checkpoint.CHECKPOINT_NAME, epoch, position)
-                    if signals.requested is not None and not signals.deferred:
-                        raise _StopRequested(signals.requested)
-                    if stop_after_iters is not None and iteration >= stop_after_iters:
-                        raise _StopRequested(f"stop_after_iters={stop_after_iters}")
-                    if step_in_epoch + 1 >= iters_per_epoch:
-                        break
-                bar.close()
-                position = 0
-                # Every rank replaced its own share of unreadable images: the summary counts them all.
-                replaced = round(distributed.mean_over_ranks(torch.tensor(float(replaced), device=device)).item() * world_size)
-                runlog.epoch_summary(epoch, replaced)
-                last = epoch + 1 == cfg.OPTIMIZER.num_epochs
-                if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or last:
-                    save(checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
-                knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
-                if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
-                    with clock.paused():
-                        if main_process:
-                            run_knn_monitor(cfg, core, device, epoch + 1, runlog, knn_data,
-                                            iteration=iteration, train_seconds=clock.seconds())
-                        distributed.barrier()
-        except _StopNow as e:
-            stopped = True
-            logger.info("stopped at once (%s) inside iteration %d, which is not saved; rerun the same command "
-                        "to resume from the last checkpoint", e, iteration + 1)
-        except (_StopRequested, KeyboardInterrupt) as e:
-            stopped = True
-            try:
-                if saved_at[0] != iteration:  # else the same state is on disk, and the previous one stays
-                    save(checkpoint.CHECKPOINT_NAME, epoch, position)
-                logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", e or "interrupt", iteration)
-            except _StopNow:  # the atomic write was cut short: the previous checkpoint is intact
-                logger.info("stopped at once while saving iteration %d; rerun the same command to resume from the last checkpoint", iteration)
-    if stopped:
-        runlog.close()
-        return {"iteration": iteration, "run_dir": str(run_dir), "stopped": True}
+    run.model.train()
+    run.start_time = time.perf_counter()
+    run.start_iteration = run.iteration
 
-    if main_process:
-        final = {"format_version": checkpoint.FORMAT_VERSION, "model": core.state_dict(),
-                 "iteration": iteration, "config": to_yaml(cfg)}
-        checkpoint.check_finite(final["model"], [], iteration)
-        _save_logged(final, run_dir / checkpoint.FINAL_NAME)
-    summary = {"iteration": iteration, "run_dir": str(run_dir), "minutes": (time.perf_counter() - start_time) / 60}
+
+def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_iters: int | None) -> int:
+    """The steps of `epoch` from image `run.position` on (where the caller started the sampler),
+    with the progress bar, the logged windows and the checkpoints every CHECKPOINT_ITER_FREQUENCY
+    iterations; raises _StopRequested to stop. Returns how many unreadable images this process
+    replaced."""
+    cfg, batch = run.cfg, run.batch
+    first = run.position // batch
+    replaced = 0
+    window_loss, window_start, window_iters = torch.zeros((), device=run.device), time.perf_counter(), 0
+    bar = tqdm(
+        total=run.iters_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.OPTIMIZER.num_epochs}",
+        disable=None if run.main_process else True, dynamic_ncols=True, leave=False, file=sys.stderr,
+    )
+    for step_in_epoch, batch_data in enumerate(run.loader, start=first):
+        lr = float(run.lr_schedule[min(run.iteration, len(run.lr_schedule) - 1)])
+        loss = train_step(run.ctx, batch_data["crops"], run.iteration, lr, indices=batch_data["indices"])
+        replaced += int(batch_data["replaced"].sum())
+        window_loss += loss
+        window_iters += 1
+        run.iteration += 1
+        run.position = (step_in_epoch + 1) * batch
+        bar.update(1)
+        if run.iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == run.iters_per_epoch:
+            # One host sync per logging window, not per iteration; the loss is the mean over ranks.
+            elapsed = time.perf_counter() - window_start
+            mean_loss = distributed.mean_over_ranks(window_loss).item() / window_iters
+            speed = window_iters * run.global_batch / max(elapsed, 1e-9)
+            done = (run.iteration - run.start_iteration) / max(time.perf_counter() - run.start_time, 1e-9)
+            eta = (run.total_iters - run.iteration) / max(done, 1e-9)
+            run.runlog.log_step(
+                iteration=run.iteration, epoch=epoch, loss=mean_loss, lr=lr, images_per_sec=speed,
+                eta_seconds=eta, train_seconds=run.clock.seconds(), quiet=not bar.disable,
+            )
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
+            run.runlog.check_collapse(mean_loss, run.collapse_level, epoch)
+            window_loss, window_start, window_iters = torch.zeros((), device=run.device), time.perf_counter(), 0
+            if signals.deferred and distributed.any_rank(signals.requested is not None, run.device):
+                raise _StopRequested(signals.requested or "a signal to another process")
+        if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and run.iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
+            _save(run, checkpoint.CHECKPOINT_NAME, epoch, run.position)
+        if signals.requested is not None and not signals.deferred:
+            raise _StopRequested(signals.requested)
+        if stop_after_iters is not None and run.iteration >= stop_after_iters:
+            raise _StopRequested(f"stop_after_iters={stop_after_iters}")
+        if step_in_epoch + 1 >= run.iters_per_epoch:
+            break
+    bar.close()
+    run.position = 0  # the epoch is done: the next one starts at its first image
+    return replaced
+
+
+def _end_epoch(run: _Run, epoch: int, replaced: int) -> None:
+    """The epoch's summary line, its checkpoint when one is due, and the kNN monitor when due
+    (after the last epoch _finish runs it)."""
+    cfg = run.cfg
+    # Every rank replaced its own share of unreadable images: the summary counts them all.
+    replaced = round(distributed.mean_over_ranks(torch.tensor(float(replaced), device=run.device)).item() * run.world_size)
+    run.runlog.epoch_summary(epoch, replaced)
+    last = epoch + 1 == cfg.OPTIMIZER.num_epochs
+    if (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or last:
+        _save(run, checkpoint.CHECKPOINT_NAME, epoch + 1, 0)
+    knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
+    if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
+        with run.clock.paused():
+            if run.main_process:
+                run_knn_monitor(cfg, run.core, run.device, epoch + 1, run.runlog, run.knn_data,
+                                iteration=run.iteration, train_seconds=run.clock.seconds())
+            distributed.barrier()
+
+
+def _save(run: _Run, path_name: str, epoch: int, position: int) -> None:
+    """Checkpoint the training state at `run.iteration`, to go on at image `position` of `epoch`."""
+    # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
+    run.saved_at = run.iteration
+    objective_states = distributed.gather_objects({k: v.cpu() for k, v in run.ctx.objective.state_dict().items()})
+    if not run.main_process:
+        return
+    state = checkpoint.training_state(
+        run.core, run.ctx.optimizer, objective_states, world_size=run.world_size, scaler=run.ctx.scaler,
+        iteration=run.iteration, epoch=epoch, position=position, train_seconds=run.clock.seconds(),
+        lr_restart=run.lr_restart, config_yaml=to_yaml(run.cfg),
+    )
+    checkpoint.check_finite(state["model"], [], run.iteration)
+    _save_logged(state, run.run_dir / path_name, keep_previous=True)
+
+
+def _save_on_stop(run: _Run, reason: BaseException) -> None:
+    """Checkpoint where a requested stop left the run, in the epoch and at the image it was at."""
+    try:
+        if run.saved_at != run.iteration:  # else the same state is on disk, and the previous one stays
+            _save(run, checkpoint.CHECKPOINT_NAME, run.epoch, run.position)
+        logger.info("stopped (%s) at iteration %d; checkpoint saved, rerun the same command to resume", reason or "interrupt", run.iteration)
+    except _StopNow:  # the atomic write was cut short: the previous checkpoint is intact
+        logger.info("stopped at once while saving iteration %d; rerun the same command to resume from the last checkpoint", run.iteration)
+
+
+def _finish(run: _Run) -> dict:
+    """The final model, the final kNN accuracy when monitored, and the run's summary."""
+    cfg = run.cfg
+    if run.main_process:
+        final = {"format_version": checkpoint.FORMAT_VERSION, "model": run.core.state_dict(),
+                 "iteration": run.iteration, "config": to_yaml(cfg)}
+        checkpoint.check_finite(final["model"], [], run.iteration)
+        _save_logged(final, run.run_dir / checkpoint.FINAL_NAME)
+    summary = {"iteration": run.iteration, "run_dir": str(run.run_dir), "minutes": (time.perf_counter() - run.start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
-        if main_process:
-            summary["knn"] = run_knn_monitor(cfg, core, device, cfg.OPTIMIZER.num_epochs, runlog, knn_data,
-                                             iteration=iteration, train_seconds=clock.seconds())
+        if run.main_process:
+            summary["knn"] = run_knn_monitor(cfg, run.core, run.device, cfg.OPTIMIZER.num_epochs, run.runlog, run.knn_data,
+                                             iteration=run.iteration, train_seconds=run.clock.seconds())
         distributed.barrier()
-    runlog.close()
-    logger.info("done: %d iterations in %.1f min; run folder %s", iteration, summary["minutes"], run_dir)
+    run.runlog.close()
+    logger.info("done: %d iterations in %.1f min; run folder %s", run.iteration, summary["minutes"], run.run_dir)
     return summary
 
 

@@ -6,7 +6,8 @@ saved `train_config.yaml` re-infers to itself), because it only writes the keys 
 
 Before inferring anything it checks each number against its valid range (the RANGES tables
 below), so that a value which would crash hours into a run (a zero frequency, a negative
-worker count) is refused by `load_config`, before anything is written.
+worker count) is refused by `load_config`, before anything is written. The checks between keys
+follow, each in its own `check_*` function; `derive` then writes every inferred key.
 """
 
 from __future__ import annotations
@@ -433,45 +434,35 @@ def check_method_sections(loss: dict) -> None:
                 )
 
 
-def infer_swav(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
-    """LOSS.swav_loss: shapes from the crops and the head; the queue in whole global batches."""
-    loss = cfg["LOSS"]["swav_loss"]
-    loss["num_crops"] = int(crops["total_num_crops"])
-    loss["embedding_dim"] = int(head["dims"][-1])
-    loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
-    if not loss["num_prototypes"]:
+def _check_crop_indices(where: str, chosen: list, num_crops: int) -> None:
+    """`chosen` names different crops, each an index below `num_crops`."""
+    bad = [c for c in chosen if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_crops]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise ConfigError(
+            f"{where}={chosen}: each entry must be a different crop index below num_crops={num_crops}"
+        )
+
+
+def check_swav(loss: dict, crops: dict, head: dict, global_batch: int) -> None:
+    """LOSS.swav_loss: the head has prototypes, the assigned crops exist, the queue holds a batch."""
+    if not head["num_clusters"]:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: the {head['name']} head has no prototypes, which swav_loss needs: "
             "use swav_head with at least one entry in num_clusters"
         )
-    assign = list(loss["crops_for_assign"])
-    bad = [c for c in assign if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
-    if bad or not assign or len(set(assign)) != len(assign):
-        raise ConfigError(
-            f"config.LOSS.swav_loss.crops_for_assign={assign}: each entry must be a different crop"
-            f" index below num_crops={loss['num_crops']}"
-        )
-    if not loss["output_dir"]:
-        loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
-
-    # The queue holds whole global batches, split evenly over the processes.
-    queue = loss["queue"]
-    length = int(queue["queue_length"])
+    _check_crop_indices(
+        "config.LOSS.swav_loss.crops_for_assign", list(loss["crops_for_assign"]), int(crops["total_num_crops"])
+    )
+    length = int(loss["queue"]["queue_length"])
     if 0 < length < global_batch:
         raise ConfigError(
             f"config.LOSS.swav_loss.queue.queue_length={length} is smaller than the global batch {global_batch}:"
             f" set 0 to disable the queue or at least {global_batch}"
         )
-    rounded = length - length % global_batch
-    if rounded != length:
-        logger.info("queue_length %d rounded down to %d, a multiple of the global batch %d", length, rounded, global_batch)
-    queue["queue_length"] = rounded
-    queue["local_queue_length"] = rounded // world
 
 
-def infer_simclr(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
-    """LOSS.simclr_info_nce_loss: shapes from the crops and the head, which has no prototypes."""
-    loss = cfg["LOSS"]["simclr_info_nce_loss"]
+def check_simclr(loss: dict, crops: dict, head: dict, global_batch: int) -> None:
+    """LOSS.simclr_info_nce_loss: the head has no prototypes, and each image has negatives."""
     if head["num_clusters"]:
         # Nothing would train them, and DistributedDataParallel refuses parameters without gradient.
         raise ConfigError(
@@ -484,30 +475,21 @@ def infer_simclr(cfg: dict, crops: dict, head: dict, global_batch: int, world: i
             "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA: simclr_info_nce_loss needs a global batch of at least "
             "2 images (the negatives are the other images' crops)"
         )
-    loss["num_crops"] = int(crops["total_num_crops"])
-    loss["embedding_dim"] = int(head["dims"][-1])
 
 
-def _memory_bank_section(cfg: dict, name: str, crops: dict, head: dict) -> dict:
-    """DeepCluster-v2 and SeLa-v2: the crops and embedding width from the data and the head, and
-    the memory bank's crops checked against them."""
-    loss = cfg["LOSS"][name]
-    loss["num_crops"] = int(crops["total_num_crops"])
-    loss["memory_params"]["embedding_dim"] = int(head["dims"][-1])
-    chosen = list(loss["memory_params"]["crops_for_mb"])
-    bad = [c for c in chosen if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < loss["num_crops"]]
-    if bad or not chosen or len(set(chosen)) != len(chosen):
-        raise ConfigError(
-            f"config.LOSS.{name}.memory_params.crops_for_mb={chosen}: each entry must be a different crop"
-            f" index below num_crops={loss['num_crops']}"
-        )
-    return loss
+def _check_memory_bank(name: str, loss: dict, crops: dict) -> None:
+    """DeepCluster-v2 and SeLa-v2: the memory bank's crops exist."""
+    _check_crop_indices(
+        f"config.LOSS.{name}.memory_params.crops_for_mb",
+        list(loss["memory_params"]["crops_for_mb"]),
+        int(crops["total_num_crops"]),
+    )
 
 
-def infer_deepclusterv2(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+def check_deepclusterv2(loss: dict, crops: dict, head: dict, global_batch: int) -> None:
     """LOSS.deepclusterv2_loss: its prototypes are the k-means centroids, which the loss keeps, so
     the head must have none (the optimizer would train them, and nothing would use them)."""
-    loss = _memory_bank_section(cfg, "deepclusterv2_loss", crops, head)
+    _check_memory_bank("deepclusterv2_loss", loss, crops)
     if head["num_clusters"]:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: deepclusterv2_loss scores the crops against its k-means centroids, "
@@ -518,24 +500,31 @@ def infer_deepclusterv2(cfg: dict, crops: dict, head: dict, global_batch: int, w
         raise ConfigError("config.LOSS.deepclusterv2_loss.num_clusters needs at least one entry (clusters per head)")
 
 
-def infer_sela_v2(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
-    """LOSS.sela_v2_loss: the prototypes are the head's, learned; their numbers come from it."""
-    loss = _memory_bank_section(cfg, "sela_v2_loss", crops, head)
-    loss["num_clusters"] = [int(k) for k in head["num_clusters"]]
-    if not loss["num_clusters"]:
+def check_sela_v2(loss: dict, crops: dict, head: dict, global_batch: int) -> None:
+    """LOSS.sela_v2_loss: the prototypes are the head's, learned, so it needs some."""
+    _check_memory_bank("sela_v2_loss", loss, crops)
+    if not head["num_clusters"]:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: the {head['name']} head has no prototypes, which sela_v2_loss learns: "
             "use swav_head with at least one entry in num_clusters"
         )
 
 
-# LOSS.name -> the function that checks and fills in that method's section.
-METHOD_RULES: dict[str, Callable[[dict, dict, dict, int, int], None]] = {
-    "swav_loss": infer_swav,
-    "simclr_info_nce_loss": infer_simclr,
-    "deepclusterv2_loss": infer_deepclusterv2,
-    "sela_v2_loss": infer_sela_v2,
+# LOSS.name -> the checks of that method's section against the crops, the head and the global batch.
+METHOD_CHECKS: dict[str, Callable[[dict, dict, dict, int], None]] = {
+    "swav_loss": check_swav,
+    "simclr_info_nce_loss": check_simclr,
+    "deepclusterv2_loss": check_deepclusterv2,
+    "sela_v2_loss": check_sela_v2,
 }
+
+
+def check_method(cfg: dict, crops: dict, head: dict, global_batch: int) -> None:
+    """The section of LOSS.name agrees with the crops, the head and the global batch."""
+    method = cfg["LOSS"]["name"]
+    checks = METHOD_CHECKS.get(method)
+    if checks is not None:  # a method added to OBJECTIVES from outside the package has no section here
+        checks(cfg["LOSS"][method], crops, head, global_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,6 +539,16 @@ def check_processes(cfg: dict) -> None:
         raise ConfigError(
             f"config.DISTRIBUTED.NODE_ID={dist['NODE_ID']}: must be an integer in [0, NUM_NODES - 1] = "
             f"[0, {dist['NUM_NODES'] - 1}] (this machine's index)"
+        )
+
+
+def check_data_sources(train: dict) -> None:
+    """DATA.TRAIN gives one source per path."""
+    sources, paths = train["DATA_SOURCES"], train["DATA_PATHS"]
+    if len(sources) != len(paths):
+        raise ConfigError(
+            f"config.DATA.TRAIN.DATA_SOURCES has {len(sources)} entries but DATA_PATHS has {len(paths)}:"
+            " give one source per path"
         )
 
 
@@ -572,51 +571,24 @@ def check_crop_sizes(cfg: dict, crops: dict) -> None:
         )
 
 
-def infer(cfg: dict, world_size: int | None = None) -> dict:
-    """Return a copy of `cfg` with every inferred key filled in and cross-key rules checked."""
-    cfg = copy.deepcopy(cfg)
-    check_ranges(cfg, RANGES)
-    check_processes(cfg)
-    world = world_size or world_size_of(cfg)
-    check_method_sections(cfg["LOSS"])
-    data, optim = cfg["DATA"], cfg["OPTIMIZER"]
-    global_batch = int(data["TRAIN"]["BATCHSIZE_PER_REPLICA"]) * world
-
-    sources, paths = data["TRAIN"]["DATA_SOURCES"], data["TRAIN"]["DATA_PATHS"]
-    if len(sources) != len(paths):
-        raise ConfigError(
-            f"config.DATA.TRAIN.DATA_SOURCES has {len(sources)} entries but DATA_PATHS has {len(paths)}:"
-            " give one source per path"
-        )
-
-    trunk = cfg["MODEL"]["TRUNK"]
-    check_trunk(trunk)
-
-    # The loss reads its shapes from the data and model sections, so they cannot disagree.
-    crops = multicrop_spec(cfg)
-    check_crop_sizes(cfg, crops)
-    head = head_params(cfg)
+def check_head_width(cfg: dict, head: dict) -> None:
+    """The head's first width is the number of features the trunk gives."""
     # Computed from the architecture's arithmetic, so checking a 10444-wide RegNet costs nothing.
     features = trunk_num_features(cfg)
     if int(head["dims"][0]) != features:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: {head['name']} dims[0]={head['dims'][0]} but the trunk "
-            f"({describe_trunk(trunk)}) gives {features} features; set dims to [{features}, ...]"
+            f"({describe_trunk(cfg['MODEL']['TRUNK'])}) gives {features} features; set dims to [{features}, ...]"
         )
-    rules = METHOD_RULES.get(cfg["LOSS"]["name"])
-    if rules is not None:  # a method added to OBJECTIVES from outside the package has no section here
-        rules(cfg, crops, head, global_batch, world)
 
-    # Linear scaling rule: every LR value is given per base_lr_batch_size images.
+
+def check_optimizer(optim: dict) -> None:
+    """An LR schedule this package has, a warm-up within the run, and SGD settings torch accepts."""
     lr = optim["param_schedulers"]["lr"]
     if lr["name"] not in ("cosine", "multistep", "constant"):
         raise ConfigError(
             f"config.OPTIMIZER.param_schedulers.lr.name={lr['name']!r}: use cosine, multistep or constant"
         )
-    scaling = lr["auto_lr_scaling"]
-    factor = global_batch / float(scaling["base_lr_batch_size"]) if scaling["auto_scale"] else 1.0
-    scaling["scale_factor"] = factor
-    lr["scaled"] = {k: lr[k] * factor for k in ("warmup_start_value", "base_value", "end_value")}
     if lr["warmup_epochs"] > optim["num_epochs"]:
         raise ConfigError(
             f"config.OPTIMIZER.param_schedulers.lr.warmup_epochs={lr['warmup_epochs']} is longer than"
@@ -628,6 +600,9 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
         # torch.optim.SGD refuses this combination, but only when training builds it.
         raise ConfigError("config.OPTIMIZER.nesterov=true needs config.OPTIMIZER.momentum > 0")
 
+
+def check_machine(cfg: dict) -> None:
+    """Precision, batch-norm synchronisation and device are ones this package knows."""
     amp = cfg["MODEL"]["AMP_PARAMS"]
     if amp["AMP_TYPE"] not in ("bfloat16", "float16"):
         raise ConfigError(f"config.MODEL.AMP_PARAMS.AMP_TYPE={amp['AMP_TYPE']!r}: use bfloat16 or float16")
@@ -637,7 +612,11 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE must be pytorch or apex")
     if cfg["MACHINE"]["DEVICE"] not in ("auto", "cpu", "cuda", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE={cfg['MACHINE']['DEVICE']!r}: use auto, cpu or cuda")
-    for entry in cfg["MODEL"]["TEMP_FROZEN_PARAMS_ITER_MAP"]:
+
+
+def check_frozen_params(entries: list) -> None:
+    """MODEL.TEMP_FROZEN_PARAMS_ITER_MAP is a list of [name, iterations >= -1]."""
+    for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], int)):
             raise ConfigError(
                 f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP entries are [name, iterations], got {entry!r}"
@@ -647,4 +626,70 @@ def infer(cfg: dict, world_size: int | None = None) -> dict:
                 f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP: {entry!r} needs iterations >= -1 "
                 "(-1: frozen for the whole run, e.g. fixed random prototypes)"
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# The inferred keys, and `infer`
+# ----------------------------------------------------------------------------------------------
+
+
+def derive(cfg: dict, crops: dict, head: dict, global_batch: int, world: int) -> None:
+    """Write every key marked "inferred" in defaults.yaml into `cfg`, from values the checks have
+    accepted: the method's shapes from the crops and the head, SwAV's queue in whole global
+    batches split evenly over the processes, and the LR values scaled to the global batch."""
+    method = cfg["LOSS"]["name"]
+    num_crops, embedding_dim = int(crops["total_num_crops"]), int(head["dims"][-1])
+    if method == "swav_loss":
+        loss = cfg["LOSS"][method]
+        loss["num_crops"], loss["embedding_dim"] = num_crops, embedding_dim
+        loss["num_prototypes"] = [int(k) for k in head["num_clusters"]]
+        if not loss["output_dir"]:
+            loss["output_dir"] = cfg["CHECKPOINT"]["DIR"]
+        queue = loss["queue"]
+        length = int(queue["queue_length"])
+        rounded = length - length % global_batch
+        if rounded != length:
+            logger.info("queue_length %d rounded down to %d, a multiple of the global batch %d", length, rounded, global_batch)
+        queue["queue_length"], queue["local_queue_length"] = rounded, rounded // world
+    elif method == "simclr_info_nce_loss":
+        loss = cfg["LOSS"][method]
+        loss["num_crops"], loss["embedding_dim"] = num_crops, embedding_dim
+    elif method in ("deepclusterv2_loss", "sela_v2_loss"):
+        loss = cfg["LOSS"][method]
+        loss["num_crops"], loss["memory_params"]["embedding_dim"] = num_crops, embedding_dim
+        if method == "sela_v2_loss":  # DeepCluster-v2's clusters are its own setting
+            loss["num_clusters"] = [int(k) for k in head["num_clusters"]]
+
+    # Linear scaling rule: every LR value is given per base_lr_batch_size images.
+    lr = cfg["OPTIMIZER"]["param_schedulers"]["lr"]
+    scaling = lr["auto_lr_scaling"]
+    factor = global_batch / float(scaling["base_lr_batch_size"]) if scaling["auto_scale"] else 1.0
+    scaling["scale_factor"] = factor
+    lr["scaled"] = {k: lr[k] * factor for k in ("warmup_start_value", "base_value", "end_value")}
+
+
+def infer(cfg: dict, world_size: int | None = None) -> dict:
+    """Return a copy of `cfg` with every inferred key filled in and cross-key rules checked.
+
+    The checks run first, in this order (the first that fails raises), then `derive` fills in
+    the inferred keys, so nothing is derived from a value that has not been checked.
+    """
+    cfg = copy.deepcopy(cfg)
+    check_ranges(cfg, RANGES)
+    check_processes(cfg)
+    world = world_size or world_size_of(cfg)
+    check_method_sections(cfg["LOSS"])
+    global_batch = int(cfg["DATA"]["TRAIN"]["BATCHSIZE_PER_REPLICA"]) * world
+    check_data_sources(cfg["DATA"]["TRAIN"])
+    check_trunk(cfg["MODEL"]["TRUNK"])
+    # The loss reads its shapes from the data and model sections, so they cannot disagree.
+    crops = multicrop_spec(cfg)
+    check_crop_sizes(cfg, crops)
+    head = head_params(cfg)
+    check_head_width(cfg, head)
+    check_method(cfg, crops, head, global_batch)
+    check_optimizer(cfg["OPTIMIZER"])
+    check_machine(cfg)
+    check_frozen_params(cfg["MODEL"]["TEMP_FROZEN_PARAMS_ITER_MAP"])
+    derive(cfg, crops, head, global_batch, world)
     return cfg

@@ -70,23 +70,7 @@ def regnet_block_params(
         "bottleneck_multiplier": bottleneck_multiplier,
         "se_ratio": se_ratio,
     }
-    given = {k: v for k, v in explicit.items() if v is not None}
-    if name:
-        if name not in REGNET_ARCHS:
-            raise ValueError(f"unknown RegNet name {name!r}; choose one of {sorted(REGNET_ARCHS)}")
-        if given:
-            raise ValueError(
-                f"RegNet {name!r} is fully defined by its name; do not also set {sorted(given)}"
-            )
-        params = dict(REGNET_ARCHS[name])
-    else:
-        missing = [k for k in PARAM_KEYS if k not in given]
-        if missing:
-            raise ValueError(
-                f"a RegNet needs a name (e.g. regnet_y_400mf) or all of {list(PARAM_KEYS)}; "
-                f"missing {missing}"
-            )
-        params = given
+    params = _generating_params(name, {k: v for k, v in explicit.items() if v is not None})
     depth, w_0 = int(params["depth"]), int(params["w_0"])
     w_a, w_m = float(params["w_a"]), float(params["w_m"])
     group_width = int(params["group_width"])
@@ -115,6 +99,25 @@ def regnet_block_params(
             bottleneck_multiplier=bottleneck,
             se_ratio=se or None,  # torchvision adds the SE module only for a truthy ratio
         )
+
+
+def _generating_params(name: str | None, given: dict[str, float]) -> dict[str, float]:
+    """The generating parameters of the RegNet `name`, or `given` when they are complete."""
+    if name:
+        if name not in REGNET_ARCHS:
+            raise ValueError(f"unknown RegNet name {name!r}; choose one of {sorted(REGNET_ARCHS)}")
+        if given:
+            raise ValueError(
+                f"RegNet {name!r} is fully defined by its name; do not also set {sorted(given)}"
+            )
+        return dict(REGNET_ARCHS[name])
+    missing = [k for k in PARAM_KEYS if k not in given]
+    if missing:
+        raise ValueError(
+            f"a RegNet needs a name (e.g. regnet_y_400mf) or all of {list(PARAM_KEYS)}; "
+            f"missing {missing}"
+        )
+    return given
 
 
 def regnet_num_features(block_params: BlockParams) -> int:

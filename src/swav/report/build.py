@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from swav.report import plots
 from swav.report.compare import DEFAULT_OUTPUT, CompareError, build_comparison
 from swav.report.gallery import (
+    GalleryData,
     GallerySkipped,
     center_crop,
     compute_gallery,
@@ -37,6 +39,32 @@ from swav.runlog import format_duration
 DEFAULT_NUM_IMAGES = 1024
 
 
+class _Outputs:
+    """Where the page and its PNGs go, and the summary `build_report` returns as they are made."""
+
+    def __init__(self, run_dir: Path, output: str | Path | None) -> None:
+        html_path = Path(output) if output is not None else run_dir / "report" / "index.html"
+        if html_path.is_dir():
+            html_path = html_path / "index.html"
+        self.html_path = html_path
+        self.out_dir = html_path.parent
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # A page not called index.html prefixes its PNGs, so two pages can share a folder.
+        self.prefix = "" if html_path.stem == "index" else f"{html_path.stem}_"
+        self.summary: dict = {"html": html_path, "images": [], "notes": []}
+
+    def png(self, name: str) -> Path:
+        """The path of the page's PNG `name`, listed in the summary."""
+        path = self.out_dir / f"{self.prefix}{name}.png"
+        self.summary["images"].append(path)
+        return path
+
+    def note(self, section: Section, text: str) -> None:
+        """A note on the page that the summary also lists (the command line prints them)."""
+        section.note(text)
+        self.summary["notes"].append(text)
+
+
 def build_report(
     run_dir: str | Path,
     output: str | Path | None = None,
@@ -56,38 +84,48 @@ def build_report(
     check_run_dir(run_dir)
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    html_path = Path(output) if output is not None else run_dir / "report" / "index.html"
-    if html_path.is_dir():
-        html_path = html_path / "index.html"
-    out_dir = html_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = "" if html_path.stem == "index" else f"{html_path.stem}_"
-    summary: dict = {"html": html_path, "images": [], "notes": []}
-
-    def png(name: str) -> Path:
-        path = out_dir / f"{prefix}{name}.png"
-        summary["images"].append(path)
-        return path
-
-    def note(section: Section, text: str) -> None:
-        section.note(text)
-        summary["notes"].append(text)
-
+    outputs = _Outputs(run_dir, output)
     cfg, config_note = load_run_config(run_dir)
     rows, bad_lines = read_metrics(run_dir / METRICS_NAME)
     # The curves' red "nothing learned" line is ln K of SwAV's prototypes; other methods draw none.
     swav = cfg.LOSS.name == "swav_loss"
     num_prototypes = [int(k) for k in cfg.LOSS.swav_loss.num_prototypes] if swav else []
+    sections = [
+        _overview_section(cfg, rows, config_note, outputs),
+        _training_section(run_dir, rows, bad_lines, num_prototypes, outputs),
+        _results_section(run_dir),
+    ]
+    if gallery:
+        gallery_options = _GalleryOptions(num_images, num_prototypes_shown, images_per_prototype, image_size, seed)
+        sections.append(_gallery_section(cfg, run_dir, gallery_options, outputs))
 
+    generated = datetime.now().strftime("%Y-%m-%d %H:%M")
+    outputs.html_path.write_text(
+        render_page(
+            f"SwAV run: {run_dir.resolve().name}",
+            str(run_dir.resolve()),
+            sections,
+            f"swav report, {generated}",
+        )
+    )
+    return outputs.summary
+
+
+def _overview_section(cfg: DictConfig, rows: list[dict], config_note: str | None, outputs: _Outputs) -> Section:
     overview = Section("Run")
     overview.facts(_run_facts(cfg, rows))
     if config_note:
-        note(overview, config_note)
-    sections = [overview]
+        outputs.note(overview, config_note)
+    return overview
 
+
+def _training_section(
+    run_dir: Path, rows: list[dict], bad_lines: int, num_prototypes: list[int], outputs: _Outputs
+) -> Section:
+    """The loss curves from the metrics file, and the kNN monitor's curve when it has two points."""
     training = Section("Training")
     if rows:
-        path = png("curves")
+        path = outputs.png("curves")
         collapse = float(np.mean([math.log(k) for k in num_prototypes])) if num_prototypes else None
         plots.training_curves(rows, path, collapse)
         training.image(
@@ -97,20 +135,22 @@ def build_report(
             "A loss that stays on the red line has not learned anything: codes and predictions are uniform.",
         )
     else:
-        note(training, f"{METRICS_NAME} has no rows yet.")
+        outputs.note(training, f"{METRICS_NAME} has no rows yet.")
     if bad_lines:
-        note(training, f"{bad_lines} unreadable line(s) in {METRICS_NAME} were skipped.")
+        outputs.note(training, f"{bad_lines} unreadable line(s) in {METRICS_NAME} were skipped.")
     history = knn_history(run_dir)
     if any(len(points) >= 2 for points in history.values()):
-        path = png("knn")
+        path = outputs.png("knn")
         plots.knn_curve(history, path)
         training.image(
             path.name,
             "kNN top-1 over epochs",
             "Weighted kNN top-1 of the trunk's features, measured during training.",
         )
-    sections.append(training)
+    return training
 
+
+def _results_section(run_dir: Path) -> Section:
     results = Section("Evaluation results")
     tables = read_eval_results(run_dir)
     for table in tables:
@@ -120,60 +160,51 @@ def build_report(
             "No evaluation results in the run folder yet (knn.json, linear.json, semisup.json, svm.json "
             "are written by swav knn, linear, semisup and svm)."
         )
-    sections.append(results)
-
-    if gallery:
-        sections.append(
-            _gallery_section(
-                cfg,
-                run_dir,
-                num_images,
-                num_prototypes_shown,
-                images_per_prototype,
-                image_size,
-                seed,
-                png,
-                note,
-                summary,
-            )
-        )
-
-    generated = datetime.now().strftime("%Y-%m-%d %H:%M")
-    html_path.write_text(
-        render_page(
-            f"SwAV run: {run_dir.resolve().name}",
-            str(run_dir.resolve()),
-            sections,
-            f"swav report, {generated}",
-        )
-    )
-    return summary
+    return results
 
 
-def _gallery_section(
-    cfg, run_dir, num_images, num_shown, per_row, image_size, seed, png, note, summary
-) -> Section:
+@dataclass(frozen=True)
+class _GalleryOptions:
+    num_images: int  # training images scored
+    num_shown: int  # prototypes in the mosaic
+    per_row: int  # images per prototype
+    image_size: int | None  # centre-crop side; None: the training's large crop
+    seed: int  # of the image sample
+
+
+def _gallery_section(cfg: DictConfig, run_dir: Path, options: _GalleryOptions, outputs: _Outputs) -> Section:
+    """The training images scored against the prototypes: usage histogram and image mosaic."""
     section = Section("Clusters")
     start = time.perf_counter()
     try:
-        data, dataset = compute_gallery(cfg, run_dir, num_images, image_size=image_size, seed=seed)
+        data, dataset = compute_gallery(
+            cfg, run_dir, options.num_images, image_size=options.image_size, seed=options.seed
+        )
     except GallerySkipped as e:
-        note(section, f"No cluster gallery: {e}")
+        outputs.note(section, f"No cluster gallery: {e}")
         return section
     stats = usage_stats(data.counts)
-    summary["usage"], summary["usage_stats"] = data.counts, stats
-    n, k = stats["images"], stats["prototypes"]
+    outputs.summary["usage"], outputs.summary["usage_stats"] = data.counts, stats
     sets = (
         f" (the first of {data.num_prototype_sets} prototype sets)"
         if data.num_prototype_sets > 1
         else ""
     )
     section.text(
-        f"{n} training images (a fixed random sample, centre crops of {data.image_size} px) through the model of "
-        f"{data.checkpoint}; each image goes to the prototype{sets} it scores highest on."
+        f"{stats['images']} training images (a fixed random sample, centre crops of {data.image_size} px) "
+        f"through the model of {data.checkpoint}; each image goes to the prototype{sets} it scores highest on."
     )
+    _usage_image(section, data, stats, outputs)
+    rows = _mosaic_rows(data, dataset, options.num_shown, options.per_row)
+    if rows:
+        _mosaic_image(section, data, rows, options.per_row, outputs)
+    section.text(f"Computed in {time.perf_counter() - start:.1f} s.")
+    return section
 
-    path = png("usage")
+
+def _usage_image(section: Section, data: GalleryData, stats: dict, outputs: _Outputs) -> None:
+    n, k = stats["images"], stats["prototypes"]
+    path = outputs.png("usage")
     plots.usage_histogram(data.counts, path)
     fewer = f" With fewer images than prototypes, at most {n} can be used." if n < k else ""
     section.image(
@@ -185,6 +216,11 @@ def _gallery_section(
         f"SwAV aims for; a few tall bars and a long empty tail mean collapse.{fewer}",
     )
 
+
+def _mosaic_rows(
+    data: GalleryData, dataset, num_shown: int, per_row: int
+) -> list[tuple[str, list, list[bool]]]:
+    """(caption, images, assigned) of each of the most used prototypes, for `plots.gallery_mosaic`."""
     rows = []
     for p in most_used(data.counts, num_shown):
         positions = top_images(data.scores, p, per_row)
@@ -201,22 +237,23 @@ def _gallery_section(
             )
             caption += f"\n{share:.0%} {name}"
         rows.append((caption, images, assigned))
-    if rows:
-        path = png("gallery")
-        plots.gallery_mosaic(rows, path)
-        section.image(
-            path.name,
-            "images with the highest score for the most used prototypes",
-            f"The {len(rows)} most used prototype{'s' if len(rows) > 1 else ''}, each with the {per_row} sampled images that score highest on it "
-            "(green frame: the prototype is the image's argmax; grey: another prototype wins it)"
-            + (
-                "; the share is the commonest label among the images assigned to it."
-                if data.labels.ge(0).any()
-                else "."
-            ),
-        )
-    section.text(f"Computed in {time.perf_counter() - start:.1f} s.")
-    return section
+    return rows
+
+
+def _mosaic_image(section: Section, data: GalleryData, rows: list, per_row: int, outputs: _Outputs) -> None:
+    path = outputs.png("gallery")
+    plots.gallery_mosaic(rows, path)
+    section.image(
+        path.name,
+        "images with the highest score for the most used prototypes",
+        f"The {len(rows)} most used prototype{'s' if len(rows) > 1 else ''}, each with the {per_row} sampled images that score highest on it "
+        "(green frame: the prototype is the image's argmax; grey: another prototype wins it)"
+        + (
+            "; the share is the commonest label among the images assigned to it."
+            if data.labels.ge(0).any()
+            else "."
+        ),
+    )
 
 
 def _loss_facts(cfg: DictConfig) -> list[tuple[str, str]]:
@@ -303,6 +340,16 @@ def _run_facts(cfg: DictConfig, rows: list[dict]) -> list[tuple[str, str]]:
 def main(argv: list[str]) -> int:
     """`swav report RUN_DIR [--output PATH] [--num-images N] [--no-gallery]`, or with several
     run folders `swav report RUN_DIR RUN_DIR2 ... [--label NAME ...] [--output PATH]`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if len(args.run_dir) > 1:
+        return _compare(parser, args)
+    if args.label is not None:
+        parser.error("--label names runs in a comparison: give two or more run folders")
+    return _report(args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swav report",
         description="An HTML page about a training run: curves, evaluation results and a cluster gallery. "
@@ -348,11 +395,10 @@ def main(argv: list[str]) -> int:
         help="centre-crop size for the gallery (default: the training's large crop size; "
         "one-run page only)",
     )
-    args = parser.parse_args(argv)
-    if len(args.run_dir) > 1:
-        return _compare(parser, args)
-    if args.label is not None:
-        parser.error("--label names runs in a comparison: give two or more run folders")
+    return parser
+
+
+def _report(args: argparse.Namespace) -> int:
     summary = build_report(
         args.run_dir[0],
         output=args.output,

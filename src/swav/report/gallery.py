@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from swav import checkpoint
+from swav.build import build_dataset_from, normalizes_prototypes
 from swav.config import ConfigError
+from swav.models import build_model
 
 
 class GallerySkipped(Exception):
@@ -131,8 +133,6 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def load_trained_model(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, str]:
     """The run's model with its latest weights, and a description of the checkpoint used."""
-    from swav.models import build_model
-
     path = find_checkpoint(run_dir)
     if path is None:
         raise GallerySkipped(
@@ -179,8 +179,6 @@ def compute_gallery(
 ) -> tuple[GalleryData, object]:
     """Score a fixed sample of DATA.TRAIN against the prototypes; returns the data and the dataset
     (for thumbnails). Raises GallerySkipped when the model or the images are not available."""
-    from swav.build import build_dataset_from, normalizes_prototypes
-
     model, what = load_trained_model(cfg, run_dir)
     if not model.prototype_weights():
         raise GallerySkipped(
