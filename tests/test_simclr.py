@@ -383,3 +383,21 @@ def test_the_15_minute_recipe_is_the_cpu_recipe_with_the_screens_trunk_and_epoch
     recipe[0] = "config=pretrain/simclr/simclr_cifar10_15min"
     train(load_config([*recipe, "config.KNN_MONITOR.ENABLED=false"]))
     assert all(math.isfinite(v) for v in _logged_losses(tmp_path))
+
+
+def test_the_60_minute_recipe_is_the_15_minute_one_longer_with_weight_decay():
+    # Fails if the hour recipe drifts from what it was measured as: the 15-minute recipe with 22
+    # epochs and weight decay 5e-4 (the trunk itself is trained by the 15-minute recipe's test).
+    from omegaconf import OmegaConf
+
+    def tree(recipe: str) -> dict:
+        return _flat(OmegaConf.to_container(load_config([recipe]), resolve=True))
+
+    hour, fast = tree("config=pretrain/simclr/simclr_cifar10_60min"), tree("config=pretrain/simclr/simclr_cifar10_15min")
+    changed = {key: hour[key] for key in hour if hour[key] != fast.get(key)}
+    assert changed == {
+        "OPTIMIZER.weight_decay": 5.0e-4,
+        "OPTIMIZER.num_epochs": 22,
+        "KNN_MONITOR.EPOCH_FREQUENCY": 8,
+        "CHECKPOINT.DIR": "./checkpoints/simclr_cifar10_60min",
+    }
