@@ -209,3 +209,27 @@ def test_two_processes_label_like_one_process_with_both_banks(tmp_path):
     part.indices, part.embeddings = model.indices[:32], model.embeddings[:, :32]
     half.start_epoch(0, with_prototypes(part, prototypes))
     assert not torch.equal(half.targets(model.indices[:32]), one.targets(model.indices[:32]))
+
+
+def _unequal_rows_worker(rank: int, port: int, out_dir: str) -> None:
+    _join_gloo(rank, port)
+    try:
+        bank = sphere(5 if rank == 0 else 3, 4, seed=rank)
+        try:
+            sinkhorn_labels(bank, sphere(2, 4, seed=9))
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        Path(out_dir, f"rank{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_sinkhorn_labels_refuse_ranks_with_unequal_banks(tmp_path):
+    # Sinkhorn's equal partition takes the total as rows x ranks: unequal banks would give wrong
+    # column sums silently, so every rank must refuse, and say how many rows each holds.
+    run_two_processes(_unequal_rows_worker, (str(tmp_path),))
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "the ranks hold [5, 3] bank rows: Sinkhorn over all of them needs as many on each")
