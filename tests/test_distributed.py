@@ -395,6 +395,45 @@ def test_launcher_world_size_wins_over_the_config():
     assert cfg.OPTIMIZER.param_schedulers.lr.scaled.base_value == pytest.approx(0.3 * 128 * 8 / 256)
 
 
+def _fake_gpus(monkeypatch, visible: int) -> list[int]:
+    """Pretend this process sees `visible` GPUs; returns the devices `set_device` was given."""
+    from swav import distributed
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    monkeypatch.setattr(distributed, "init_distributed", lambda env, backend: None)
+    return chosen
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(4, 3), (8, 3), (1, 0)])
+def test_each_process_takes_its_local_gpu_or_the_only_one_it_sees(monkeypatch, visible, expected):
+    from swav.config import load_config
+    from swav.distributed import DistEnv
+    from swav.launch import join
+
+    chosen = _fake_gpus(monkeypatch, visible)
+    # The fourth task of a node: under `srun --gpus-per-task=1` it sees one GPU, its own, as cuda:0.
+    env = DistEnv(rank=7, local_rank=3, world_size=8, local_world_size=4, launcher="slurm")
+    device = join(load_config(["config=quickstart", "config.MACHINE.DEVICE=cuda"]), env)
+    assert chosen == [expected]
+    assert device == torch.device("cuda", expected)
+
+
+def test_fewer_gpus_than_processes_but_more_than_one_is_refused(monkeypatch):
+    from swav.config import load_config
+    from swav.distributed import DistEnv
+    from swav.launch import join
+
+    chosen = _fake_gpus(monkeypatch, 2)
+    env = DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, launcher="torchrun")
+    with pytest.raises(ConfigError, match="4 processes run on this node.*each sees 2 GPUs.*at most 2 processes"):
+        join(load_config(["config=quickstart"]), env)
+    assert chosen == []
+
+
 def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = _two_processes_64_iterations(run)

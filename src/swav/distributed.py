@@ -252,6 +252,26 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def cuda_device_index(env: DistEnv, visible_gpus: int) -> int:
+    """The GPU of this process among the `visible_gpus` it sees.
+
+    Processes that all see every GPU of the node take the one of their local rank. Under SLURM's
+    GPU binding (`srun --gpus-per-task=1`) each task sees only its own GPU, as device 0, and the
+    local rank would name a device that does not exist there. Any other split (2 GPUs visible to
+    4 processes, say) would put several processes on one GPU without anyone asking for it.
+    """
+    if visible_gpus >= env.local_world_size:
+        return env.local_rank
+    if visible_gpus == 1:
+        return 0
+    raise ConfigError(
+        f"{env.local_world_size} processes run on this node (config.DISTRIBUTED.NUM_PROC_PER_NODE, or "
+        f"the {env.launcher} launcher's count) but each sees {visible_gpus} GPUs: start at most "
+        f"{visible_gpus} processes per node, let every process see all of the node's GPUs "
+        "(CUDA_VISIBLE_DEVICES), or give each process its own GPU (srun --gpus-per-task=1)"
+    )
+
+
 def cpu_threads_per_process(local_world_size: int) -> int:
     """Split the cores between the processes of a node: more threads than cores makes every
     OpenMP barrier wait for a descheduled thread (a 2-thread BatchNorm went from 0.2 to 40 ms)."""

@@ -62,7 +62,11 @@ def join(cfg: DictConfig, env: DistEnv) -> torch.device:
     from swav.build import select_device
 
     if torch.cuda.is_available() and cfg.MACHINE.DEVICE in ("auto", "cuda", "gpu"):
-        torch.cuda.set_device(env.local_rank)
+        visible = torch.cuda.device_count()
+        index = distributed.cuda_device_index(env, visible)
+        torch.cuda.set_device(index)
+        logger.info("process %d (local rank %d of %d) uses cuda:%d of the %d GPUs it sees",
+                    env.rank, env.local_rank, env.local_world_size, index, visible)
     device = select_device(cfg)
     if device.type == "cpu" and env.local_world_size > 1:
         torch.set_num_threads(distributed.cpu_threads_per_process(env.local_world_size))
