@@ -14,6 +14,20 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.fixture
+def gpu(monkeypatch):
+    """Pretend a GPU of the given compute capability is cuda:0; logs the fallback anew."""
+
+    def set_capability(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"a GPU {capability}")
+        precision._warn_bfloat16_fallback.cache_clear()
+
+    set_capability((9, 0))
+    yield set_capability
+    precision._warn_bfloat16_fallback.cache_clear()
+
+
+@pytest.fixture
 def native(monkeypatch):
     """Pretend the CPU has (True) or lacks (False) bfloat16 instructions."""
 
@@ -37,9 +51,60 @@ def native(monkeypatch):
         (False, CUDA, "float16", "always", True, None),
     ],
 )
-def test_autocast_dtype(native, use_amp, device, amp_type, cpu_bf16, has_native, expected):
+def test_autocast_dtype(native, gpu, use_amp, device, amp_type, cpu_bf16, has_native, expected):
     native(has_native)
     assert precision.autocast_dtype(use_amp, device, amp_type, cpu_bf16) is expected
+
+
+@pytest.mark.parametrize(
+    ("capability", "amp_type", "expected", "warns"),
+    [
+        ((8, 0), "bfloat16", torch.bfloat16, False),  # A100
+        ((9, 0), "bfloat16", torch.bfloat16, False),  # H100
+        ((7, 0), "bfloat16", torch.float16, True),  # V100: no bfloat16 tensor cores
+        ((7, 5), "bfloat16", torch.float16, True),  # T4
+        ((7, 0), "float16", torch.float16, False),  # asked for: nothing to say
+        ((8, 6), "float16", torch.float16, False),  # float16 stays float16 where bfloat16 would run
+    ],
+)
+def test_bfloat16_on_a_gpu_needs_compute_capability_8(gpu, caplog, capability, amp_type, expected, warns):
+    gpu(capability)
+    with caplog.at_level("INFO", logger="swav"):
+        for _ in range(3):  # a run asks several times while it is built: one warning
+            assert precision.autocast_dtype(True, CUDA, amp_type) is expected
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == int(warns)
+    if warns:
+        assert f"has {capability[0]}.{capability[1]}" in warnings[0].getMessage()
+        assert "8.0 (Ampere)" in warnings[0].getMessage()
+
+
+def test_float16_on_an_older_gpu_gets_the_gradient_scaler(gpu, monkeypatch):
+    from swav import build
+    from swav.build import build_step_context
+    from swav.models import build_model
+
+    gpu((7, 0))
+    # Stand-ins for what would touch a real GPU: the scaler records that it was made, and the
+    # objective (moved to the device) holds no tensors.
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: ("scaler", device))
+    monkeypatch.setattr(build, "build_objective", lambda cfg: torch.nn.Identity())
+    cfg = load_config(["config=quickstart", "config.MODEL.AMP_PARAMS.AMP_TYPE=bfloat16"])
+    ctx = build_step_context(cfg, build_model(cfg), CUDA)
+    assert ctx.scaler == ("scaler", "cuda")
+    gpu((8, 0))
+    assert build_step_context(cfg, build_model(cfg), CUDA).scaler is None
+
+
+def test_evaluation_autocast_follows_the_same_rule(gpu):
+    from swav.eval.commands import _eval_amp
+
+    cfg = load_config(["config=quickstart", "config.EVAL.AMP=true"])
+    gpu((7, 5))
+    assert _eval_amp(cfg, CUDA) is torch.float16
+    gpu((8, 0))
+    assert _eval_amp(cfg, CUDA) is torch.bfloat16
+    assert _eval_amp(load_config(["config=quickstart"]), CUDA) is None
 
 
 def test_the_probe_answers_from_the_cpu_flags():

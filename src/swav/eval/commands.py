@@ -104,11 +104,12 @@ def feature_module(cfg: DictConfig, trunk: torch.nn.Module) -> PooledStage:
         raise ConfigError(f"config.EVAL.FEATURES: {e}") from None
 
 
-def _eval_amp(cfg: DictConfig, device) -> bool:
-    """EVAL.AMP, unless this CPU would emulate bfloat16 (the rule of training, swav.precision)."""
+def _eval_amp(cfg: DictConfig, device) -> torch.dtype | None:
+    """EVAL.AMP's autocast dtype by the rule of training (swav.precision): bfloat16, float16 on a
+    GPU without bfloat16, none on a CPU that would emulate bfloat16."""
     return precision.autocast_dtype(
         cfg.EVAL.AMP, torch.device(device), "bfloat16", cfg.MODEL.AMP_PARAMS.CPU_BFLOAT16
-    ) is not None
+    )
 
 
 def split_features(cfg: DictConfig, model, dataset, device, desc: str):

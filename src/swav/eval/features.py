@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from swav import distributed
+from swav import distributed, precision
 from swav.models.resnet import STAGE_NAMES
 
 logger = logging.getLogger("swav")
@@ -65,19 +65,22 @@ def extract_features(
     loader,
     device: str | torch.device = "cpu",
     normalize: bool = True,
-    amp: bool = False,
+    amp: bool | torch.dtype | None = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` in eval mode over ``(images, labels, ...)`` batches.
 
     Returns float32 features ``[N, D]`` and int64 labels ``[N]``, both on the CPU. Outputs with
-    more than two dimensions are flattened per sample. ``amp`` runs under bfloat16 autocast.
+    more than two dimensions are flattened per sample. ``amp`` runs under autocast: to that dtype
+    when it is one, else (True) bfloat16, or float16 on a GPU older than compute capability 8.0.
     The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     features, labels = [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    if amp is True:
+        amp = precision.autocast_dtype(True, device, "bfloat16", cpu_bfloat16="always")
+    autocast = torch.autocast(device.type, dtype=amp) if isinstance(amp, torch.dtype) else nullcontext()
     try:
         for batch in loader:
             images, targets = batch[0], batch[1]
@@ -120,7 +123,7 @@ def extract_dataset(
     batch_size: int = 256,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
-    amp: bool = False,
+    amp: bool | torch.dtype | None = False,
     desc: str = "features",
 ) -> tuple[Tensor, Tensor] | None:
     """Raw (not normalised) features ``[N, D]`` and labels ``[N]`` of every image, in dataset order.
