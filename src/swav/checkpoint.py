@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,26 @@ class DamagedCheckpoint(CheckpointError):
 # ----------------------------------------------------------------------------------------------
 
 
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in its dicts, lists and tuples on the CPU; other values as they are.
+
+    A checkpoint of CUDA tensors needs a GPU (or `map_location`) to load at all: copied to the
+    CPU, it loads with a plain `torch.load` anywhere, and a run resumes on any device.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()  # no copy for a CPU tensor
+    if isinstance(obj, Mapping):
+        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # a state dict's module versions, read by load_state_dict
+        return out
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    return obj
+
+
 def training_state(core: torch.nn.Module, optimizer: torch.optim.Optimizer, objective_states: list[dict], *,
                    world_size: int, scaler: torch.amp.GradScaler | None, iteration: int, epoch: int,
                    position: int, train_seconds: float, lr_restart: tuple[int, float] | None,
@@ -67,15 +88,17 @@ def training_state(core: torch.nn.Module, optimizer: torch.optim.Optimizer, obje
     (each rank's queue is its own); `loss` repeats rank 0's, for readers that expect a single
     state (a checkpoint without `loss_per_rank` resumes from it). `position` counts the samples
     of `epoch` each rank has consumed; `train_seconds` the training time so far, across resumes.
+    Every tensor is on the CPU.
     """
+    objective_states = to_cpu(objective_states)
     return {
         "format_version": FORMAT_VERSION,
-        "model": core.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": to_cpu(core.state_dict()),
+        "optimizer": to_cpu(optimizer.state_dict()),
         "loss": objective_states[0],
         "loss_per_rank": objective_states,
         "world_size": world_size,
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
         "iteration": iteration,
         "epoch": epoch,
         "position": position,
@@ -83,6 +106,12 @@ def training_state(core: torch.nn.Module, optimizer: torch.optim.Optimizer, obje
         "lr_restart": list(lr_restart) if lr_restart else None,
         "config": config_yaml,
     }
+
+
+def final_state(core: torch.nn.Module, iteration: int, config_yaml: str) -> dict:
+    """The trained model (`model_final_checkpoint.torch`): weights on the CPU, iteration and config."""
+    return {"format_version": FORMAT_VERSION, "model": to_cpu(core.state_dict()),
+            "iteration": iteration, "config": config_yaml}
 
 
 def _umask() -> int:

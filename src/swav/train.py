@@ -509,8 +509,7 @@ def _finish(run: _Run) -> dict:
     """The final model, the final kNN accuracy when monitored, and the run's summary."""
     cfg = run.cfg
     if run.main_process:
-        final = {"format_version": checkpoint.FORMAT_VERSION, "model": run.core.state_dict(),
-                 "iteration": run.iteration, "config": to_yaml(cfg)}
+        final = checkpoint.final_state(run.core, run.iteration, to_yaml(cfg))
         checkpoint.check_finite(final["model"], [], run.iteration)
         _save_logged(final, run.run_dir / checkpoint.FINAL_NAME)
     summary = {"iteration": run.iteration, "run_dir": str(run.run_dir), "minutes": (time.perf_counter() - run.start_time) / 60}
