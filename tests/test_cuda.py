@@ -1,0 +1,105 @@
+"""The CUDA paths: a training step in each precision, channels-last, checkpoints that load on a CPU.
+
+Every test here is marked `cuda` and skipped without a GPU; `pytest -m cuda` runs only these.
+They use test_promises.py's tiny RegNet run (32 px crops, batch 8), so each takes seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_promises import TINY
+
+from swav import checkpoint, precision
+from swav.build import amp_dtype, build_step_context, place_model
+from swav.config import load_config
+from swav.models import build_model
+from swav.train import train, train_step
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+PRECISIONS = {
+    "float32": ["config.MODEL.AMP_PARAMS.USE_AMP=false"],
+    "bfloat16": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.AMP_PARAMS.AMP_TYPE=bfloat16"],
+    "float16": ["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.AMP_PARAMS.AMP_TYPE=float16"],
+}
+
+
+def _config(tmp_path, *extra: str):
+    return load_config([*TINY, f"config.CHECKPOINT.DIR={tmp_path}", "config.MACHINE.DEVICE=cuda", *extra])
+
+
+def _crops(cfg, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    return [torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(cfg.LOSS.swav_loss.num_crops)]
+
+
+def _all_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _all_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _all_tensors(v)
+
+
+@pytest.mark.parametrize("name", list(PRECISIONS))
+def test_a_training_step_in_each_precision(tmp_path, name):
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = _config(tmp_path, *PRECISIONS[name])
+    # bfloat16 runs only from compute capability 8.0 on; before, the rule of swav.precision
+    # chooses float16 and its gradient scaler.
+    expected = {"float32": None, "float16": torch.float16,
+                "bfloat16": torch.bfloat16 if precision.cuda_has_bfloat16(device) else torch.float16}[name]
+    assert amp_dtype(cfg, device) is expected
+    torch.manual_seed(0)
+    ctx = build_step_context(cfg, place_model(cfg, build_model(cfg), device), device)
+    assert (ctx.scaler is not None) == (expected is torch.float16)
+    crops = _crops(cfg, device)
+    with torch.no_grad(), ctx.autocast():
+        _, scores = ctx.model(crops)
+    assert scores[0].dtype == (expected or torch.float32)
+
+    before = [p.detach().clone() for p in ctx.model.parameters()]
+    losses = [train_step(ctx, crops, i, lr=0.1).item() for i in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    after = list(ctx.model.parameters())
+    assert all(p.device == device and p.dtype == torch.float32 for p in after)  # autocast leaves weights float32
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    if ctx.scaler is not None:
+        assert ctx.scaler.get_scale() > 0
+
+
+def test_channels_last_trains_like_the_contiguous_layout(tmp_path):
+    device = torch.device("cuda", torch.cuda.current_device())
+    losses = {}
+    for channels_last in (True, False):
+        cfg = _config(tmp_path, *PRECISIONS["float32"], f"config.MODEL.CHANNELS_LAST={channels_last}")
+        torch.manual_seed(0)
+        ctx = build_step_context(cfg, place_model(cfg, build_model(cfg), device), device)
+        conv = next(p for p in ctx.model.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        losses[channels_last] = train_step(ctx, _crops(cfg, device), 0, lr=0.1).item()
+    # The same weights and images: only the convolution algorithms (and their TF32 rounding) differ.
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
+def test_a_checkpoint_written_from_the_gpu_loads_on_the_cpu(tmp_path):
+    # float16 too, so that the scaler's state is in the training checkpoint.
+    cfg = _config(tmp_path, *PRECISIONS["float16"], "config.OPTIMIZER.num_epochs=1")
+    train(cfg)
+    for name in (checkpoint.CHECKPOINT_NAME, checkpoint.FINAL_NAME):
+        # A plain load, no map_location: tensors come back on the device they were saved from.
+        state = torch.load(tmp_path / name, weights_only=True)
+        tensors = list(_all_tensors(state))
+        assert tensors and all(t.device.type == "cpu" for t in tensors), name
+        build_model(cfg).load_state_dict(state["model"])  # a CPU model takes the weights
+    state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+    assert state["optimizer"]["state"]  # momentum buffers, saved from the GPU
