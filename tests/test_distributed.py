@@ -395,17 +395,17 @@ def test_launcher_world_size_wins_over_the_config():
     assert cfg.OPTIMIZER.param_schedulers.lr.scaled.base_value == pytest.approx(0.3 * 128 * 8 / 256)
 
 
-def _fake_gpus(monkeypatch, visible: int) -> list[int]:
-    """Pretend this process sees `visible` GPUs; returns the devices `set_device` was given."""
-    from swav import distributed
-
+def _fake_gpus(monkeypatch, visible: int) -> tuple[list[int], list[dict]]:
+    """Pretend this process sees `visible` GPUs and joins a group; returns the devices
+    `set_device` was given and the arguments of each `init_process_group`."""
     chosen: list[int] = []
+    groups: list[dict] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
-    monkeypatch.setattr(distributed, "init_distributed", lambda env, backend: None)
-    return chosen
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: groups.append({"backend": backend, **kwargs}))
+    return chosen, groups
 
 
 @pytest.mark.parametrize(("visible", "expected"), [(4, 3), (8, 3), (1, 0)])
@@ -414,7 +414,7 @@ def test_each_process_takes_its_local_gpu_or_the_only_one_it_sees(monkeypatch, v
     from swav.distributed import DistEnv
     from swav.launch import join
 
-    chosen = _fake_gpus(monkeypatch, visible)
+    chosen, _ = _fake_gpus(monkeypatch, visible)
     # The fourth task of a node: under `srun --gpus-per-task=1` it sees one GPU, its own, as cuda:0.
     env = DistEnv(rank=7, local_rank=3, world_size=8, local_world_size=4, launcher="slurm")
     device = join(load_config(["config=quickstart", "config.MACHINE.DEVICE=cuda"]), env)
@@ -427,11 +427,29 @@ def test_fewer_gpus_than_processes_but_more_than_one_is_refused(monkeypatch):
     from swav.distributed import DistEnv
     from swav.launch import join
 
-    chosen = _fake_gpus(monkeypatch, 2)
+    chosen, groups = _fake_gpus(monkeypatch, 2)
     env = DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, launcher="torchrun")
     with pytest.raises(ConfigError, match="4 processes run on this node.*each sees 2 GPUs.*at most 2 processes"):
         join(load_config(["config=quickstart"]), env)
-    assert chosen == []
+    assert chosen == [] and groups == []
+
+
+@pytest.mark.parametrize(("device", "backend", "bound_to"), [("cuda", "nccl", 3), ("cpu", "gloo", None)])
+def test_an_nccl_group_is_bound_to_the_process_gpu(monkeypatch, device, backend, bound_to):
+    from swav.config import load_config
+    from swav.distributed import DistEnv
+    from swav.launch import join
+
+    _, groups = _fake_gpus(monkeypatch, 4)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # join splits the cores on a CPU
+    env = DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, launcher="torchrun")
+    join(load_config(["config=quickstart", f"config.MACHINE.DEVICE={device}"]), env)
+    [group] = groups
+    assert (group["backend"], group["rank"], group["world_size"]) == (backend, 3, 4)
+    if bound_to is None:
+        assert "device_id" not in group
+    else:
+        assert group["device_id"] == torch.device("cuda", bound_to)
 
 
 def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path):

@@ -195,16 +195,27 @@ def backend_for(cfg: Any, device_type: str) -> str:
     return wanted
 
 
-def init_distributed(env: DistEnv, backend: str, timeout_minutes: float = 30) -> None:
-    """Join the process group `env` describes (one call for every launcher)."""
+def init_distributed(env: DistEnv, backend: str, timeout_minutes: float = 30,
+                     device: torch.device | None = None) -> None:
+    """Join the process group `env` describes (one call for every launcher).
+
+    With nccl the group is bound to this process's GPU, `device` (else the current one): nccl
+    then sets up its communicator on that GPU at once, instead of guessing the device at the
+    first collective (a barrier before any tensor reached the GPU guesses it from the rank).
+    """
     if env.world_size == 1 or dist.is_initialized():
         return
+    options = {}
+    if backend == "nccl":
+        index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+        options["device_id"] = torch.device("cuda", index)
     dist.init_process_group(
         backend,
         init_method=env.init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
+        **options,
     )
 
 

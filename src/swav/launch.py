@@ -70,7 +70,7 @@ def join(cfg: DictConfig, env: DistEnv) -> torch.device:
     device = select_device(cfg)
     if device.type == "cpu" and env.local_world_size > 1:
         torch.set_num_threads(distributed.cpu_threads_per_process(env.local_world_size))
-    distributed.init_distributed(env, distributed.backend_for(cfg, device.type))
+    distributed.init_distributed(env, distributed.backend_for(cfg, device.type), device=device)
     return device
 
 
