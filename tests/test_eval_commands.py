@@ -140,6 +140,36 @@ def test_bad_weights_and_keys_are_config_errors(tmp_path, capsys):
     assert guarded(lambda: linear_main(_args(tmp_path, "config.EVAL.FEATURES.LAYER=res6"))) == 2
 
 
+TORCHRUN_RANK_1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+SRUN_TASK_1 = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4",
+               "SLURM_STEP_NUM_TASKS": "4", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+
+
+@pytest.mark.parametrize(("environ", "launcher"), [(TORCHRUN_RANK_1, "torchrun"), (SRUN_TASK_1, "srun")])
+@pytest.mark.parametrize("main", [knn_main, linear_main, semisup_main, svm_main])
+def test_evaluations_refuse_to_run_as_several_processes(tmp_path, capsys, monkeypatch, environ, launcher, main):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    command = main.__name__.removesuffix("_main")
+    assert guarded(lambda: main(_args(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert f"swav {command} runs in one process, but {launcher} started" in err
+    assert f"Run `swav {command} ...` as one process, without {launcher}" in err
+    assert not (tmp_path / f"{command}.json").exists()
+
+
+def test_one_process_under_a_launcher_is_not_refused():
+    from swav.config import load_config
+    from swav.eval.commands import refuse_launchers
+
+    cfg = load_config([])
+    refuse_launchers("knn", cfg, {})
+    refuse_launchers("knn", cfg, {**TORCHRUN_RANK_1, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                  "LOCAL_WORLD_SIZE": "1"})
+    refuse_launchers("knn", cfg, {**SRUN_TASK_1, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"})
+
+
 def _extract_worker(rank: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)

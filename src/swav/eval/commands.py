@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision import transforms
 
-from swav import precision
+from swav import distributed, precision
 from swav.config import ConfigError, load_config
 from swav.eval.features import PooledStage, dataset_labels, extract_dataset
 from swav.eval.knn import EvalTransform, knn_classify
@@ -408,9 +410,6 @@ def extract_main(argv: list[str]) -> int:
 
 def _join_launcher_group(cfg: DictConfig) -> None:
     """Under torchrun or srun, join their process group so extraction is split over the ranks."""
-    import os
-
-    from swav import distributed
     from swav.launch import join
 
     env = distributed.launch_plan(cfg, os.environ)
@@ -420,8 +419,26 @@ def _join_launcher_group(cfg: DictConfig) -> None:
     logger.info("extract: rank %d of %d", env.rank, env.world_size)
 
 
+def refuse_launchers(command: str, cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """ConfigError when torchrun or a multi-task srun step started this command several times.
+
+    Only `swav extract` splits its work over processes. The other commands join no process group:
+    every copy would evaluate the whole data set on the same GPU and write the same JSON file.
+    """
+    env = distributed.launch_plan(cfg, environ)
+    if env is None or env.world_size == 1:
+        return
+    launcher = "torchrun" if env.launcher == "torchrun" else "srun"
+    raise ConfigError(
+        f"swav {command} runs in one process, but {launcher} started {env.world_size}: each would "
+        f"evaluate on the same device and write the same {command}.json. Run `swav {command} ...` "
+        f"as one process, without {launcher}" + (" (or with srun --ntasks=1)" if launcher == "srun" else "")
+    )
+
+
 def _evaluate(command: str, argv: list[str], description: str, run) -> int:
     cfg = _config(command, argv, description)
+    refuse_launchers(command, cfg)
     write_results(cfg, command, run(cfg))
     return 0
 
