@@ -39,6 +39,8 @@ RECIPES = {
     "quickstart": ["config=quickstart", "config.KNN_MONITOR.ENABLED=false"],
     # The CPU CIFAR recipe (2 processes, 1 loader worker each, JPEG decoding), cut likewise.
     "cifar": ["config=pretrain/swav/swav_cifar10_resnet18", "config.KNN_MONITOR.ENABLED=false"],
+    # The CPU budget recipe (SimCLR, quarter-width ResNet-18 with the CIFAR stem, 2 processes).
+    "cifar-simclr-15min": ["config=pretrain/simclr/simclr_cifar10_15min", "config.KNN_MONITOR.ENABLED=false"],
 }
 
 
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--neighbour-seconds", type=float, default=600.0)
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
-    if args.recipe == "cifar" and not args.data:
+    if args.recipe.startswith("cifar") and not args.data:
         parser.error("--recipe cifar needs --data (a folder with train/)")
 
     variants = [parse_variant(v) for v in (args.variant or ["default:", "gomp-spin:GOMP_SPINCOUNT=300000"])]
