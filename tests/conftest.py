@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+
 import pytest
 import torch
 
@@ -15,3 +17,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_unconfigure(config):
+    # A process that hangs at interpreter exit (a child it joins forever, a thread that never
+    # ends) would otherwise hold a CI run until its overall timeout: after two minutes print
+    # where every thread is and exit with an error.
+    faulthandler.dump_traceback_later(120, exit=True)

@@ -21,6 +21,7 @@ from swav.data import (
     build_loader,
     build_transforms,
     collate_multicrop,
+    shut_down_workers,
 )
 from swav.data.transforms import ImgPilColorDistortion, random_resized_crop_box
 
@@ -698,3 +699,19 @@ def test_file_that_fails_only_while_decoding_is_replaced(tmp_path, caplog):
     assert index == 1 and replaced and "b.jpg" in caplog.text
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
     assert ds[0][3] is False
+
+
+def test_persistent_workers_end_when_shut_down_although_they_ignore_sigterm():
+    loader = build_loader(_multicrop(), batch_size=4, num_workers=1, sampler=None, pin_memory=False)
+    next(iter(loader))
+    [worker] = loader._iterator._workers
+    # The terminate that Python sends daemonic children at exit: the worker ignores it, so a
+    # training process whose loader outlived the run would wait for it forever.
+    worker.terminate()
+    worker.join(timeout=2)
+    assert worker.is_alive()
+    shut_down_workers(loader)
+    assert not worker.is_alive()
+    assert loader._iterator is None
+    assert len(list(loader)) == 2  # the loader still works: a new iterator starts new workers
+    shut_down_workers(loader)

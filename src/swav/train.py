@@ -5,6 +5,7 @@ Objects come from swav.build; only the command line imports this module."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import signal
@@ -34,6 +35,7 @@ from swav.build import (
     wrap_distributed,
 )
 from swav.config import ConfigError, to_yaml, world_size_of
+from swav.data import shut_down_workers
 from swav.eval.monitor import run_knn_monitor
 from swav.losses import EpochContext, StepOutputs
 from swav.models import build_model
@@ -262,8 +264,18 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     resume, ckpt_path = _resume_state(cfg, Path(cfg.CHECKPOINT.DIR), rank == 0)
     changes, notes = _resume_changes(cfg, resume, ckpt_path, world_size)
     run = _set_up(cfg, rank, world_size, resume, changes, notes)
+    try:
+        return _run_epochs(run, resume, ckpt_path, stop_after_iters)
+    finally:
+        shut_down_workers(run.loader)
+
+
+def _run_epochs(run: _Run, resume: dict | None, ckpt_path: Path | None, stop_after_iters: int | None) -> dict:
+    """Restore what the run resumes, train the remaining epochs, then the final save (or, on a
+    stop, the checkpoint to resume from)."""
+    cfg, world_size = run.cfg, run.world_size
     if resume is not None:
-        run.iteration, run.epoch, run.position = _restore(resume, run.ctx, rank, world_size, run.batch, run.iters_per_epoch)
+        run.iteration, run.epoch, run.position = _restore(resume, run.ctx, run.rank, world_size, run.batch, run.iters_per_epoch)
         run.clock.previous = float(resume.get("train_seconds", 0.0))
         if run.iteration >= run.total_iters:
             logger.info("%s is already complete (%d iterations); nothing to do", run.run_dir, run.iteration)
@@ -388,6 +400,10 @@ def _set_up(cfg: DictConfig, rank: int, world_size: int, resume: dict | None,
     )
 
 
+def _detached_prototypes(core: torch.nn.Module) -> list[torch.Tensor]:
+    return [w.detach() for w in core.prototype_weights()]
+
+
 def _start(run: _Run) -> None:
     """Open the metrics, log what trains, and start the clocks of the speed and the ETA."""
     cfg = run.cfg
@@ -401,8 +417,8 @@ def _start(run: _Run) -> None:
     )
     # What an objective's assignment phase may ask of the model before an epoch (a memory-bank pass).
     run.epoch_context = EpochContext(
-        embed=lambda crops: embed_epoch(run.ctx, run.loader, run.sampler, crops),
-        prototypes=lambda: [w.detach() for w in run.core.prototype_weights()],
+        embed=functools.partial(embed_epoch, run.ctx, run.loader, run.sampler),
+        prototypes=functools.partial(_detached_prototypes, run.core),
     )
     run.model.train()
     run.start_time = time.perf_counter()

@@ -19,6 +19,7 @@ from swav.data.loader import (
     build_loader,
     collate_multicrop,
     mix_seed,
+    shut_down_workers,
 )
 from swav.data.transforms import TRANSFORM_NAMES, MultiCropTransform, build_transforms
 
@@ -41,5 +42,6 @@ __all__ = [
     "load_rgb",
     "missing_files",
     "mix_seed",
+    "shut_down_workers",
     "to_rgb",
 ]

@@ -247,6 +247,28 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def shut_down_workers(loader: DataLoader) -> None:
+    """End a loader's persistent workers now, and kill any that do not end.
+
+    The workers ignore SIGTERM (above), so the terminate that Python sends its daemonic children
+    at interpreter exit does not end them, and the exit then waits for them forever. PyTorch ends
+    them when the loader's iterator is garbage collected; a loader still referenced at exit (a
+    reference cycle, a traceback kept) would never get there. The iterator's `_shutdown_workers`
+    is private API, looked up with getattr so that a PyTorch without it falls back to the kill.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    shut_down = getattr(iterator, "_shutdown_workers", None)
+    if shut_down is not None:
+        shut_down()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    loader._iterator = None
+
+
 def build_loader(
     dataset,
     batch_size: int,
