@@ -58,3 +58,14 @@ def test_importing_the_module_changes_nothing(monkeypatch):
 
     importlib.reload(cli)
     assert "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize("command", ["train", "config"])
+def test_help_of_each_config_command_prints_the_usage(command, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_wait_passively", lambda: None)  # leave this process's environment alone
+    # The usage text holds a literal "%", which argparse would read as a format directive.
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "fine-tune with 1 % / 10 % of the labels" in out and "config=NAME" in out

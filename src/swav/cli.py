@@ -64,7 +64,8 @@ EXTRA_COMMANDS: dict[str, str] = {
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"swav {command}", usage=USAGE)
+    # argparse %-formats its usage text (for %(prog)s), so a literal "%" must be doubled.
+    parser = argparse.ArgumentParser(prog=f"swav {command}", usage=USAGE.replace("%", "%%"))
     parser.add_argument("overrides", nargs="*", help="config=NAME, +config/GROUP=OPTION, config.KEY=VALUE")
     if command == "config":
         parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
