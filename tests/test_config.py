@@ -406,3 +406,27 @@ def test_launcher_process_counts_are_checked_like_the_config():
             config_for_launcher([], DistEnv(world_size=world, local_world_size=local, launcher="torchrun"))
     cfg = config_for_launcher([], DistEnv(world_size=8, local_world_size=4, launcher="torchrun"))
     assert (cfg.DISTRIBUTED.NUM_NODES, cfg.DISTRIBUTED.NUM_PROC_PER_NODE) == (2, 4)
+
+
+def test_a_number_after_a_list_key_sets_one_entry():
+    base = compose(["config=pretrain/simclr/simclr_cifar10_15min"])
+    cfg = compose(["config=pretrain/simclr/simclr_cifar10_15min", "config.DATA.TRAIN.TRANSFORMS.2.strength=1",
+                   "config.DATA.TRAIN.TRANSFORMS.0.crop_scales.0.0=0.3"])
+    before, after = base["DATA"]["TRAIN"]["TRANSFORMS"], cfg["DATA"]["TRAIN"]["TRANSFORMS"]
+    assert after[2] == {"name": "ImgPilColorDistortion", "strength": 1.0}
+    assert isinstance(after[2]["strength"], float)
+    assert after[0]["crop_scales"] == [[0.3, 1.0]]
+    assert after[1:2] + after[3:] == before[1:2] + before[3:]
+    assert before[2]["strength"] == 0.5  # the composed base is not changed in place
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("TRANSFORMS.5.p=1", "is a list of 5 entries; pick one with a number from 0 to 4"),
+    ("TRANSFORMS.first.p=1", "is a list of 5 entries"),
+    ("TRANSFORMS.2.strenght=1", "unknown key config.DATA.TRAIN.TRANSFORMS.2.strenght. Did you mean 'strength'"),
+    ("TRANSFORMS.2.strength=high", "TRANSFORMS.2.strength must be float"),
+    ("TRANSFORMS.0.size_crops.0.x=1", "size_crops.0 is int 32, it has no entry 'x'"),
+])
+def test_a_list_entry_that_does_not_exist_is_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose(["config=pretrain/simclr/simclr_cifar10_15min", f"config.DATA.TRAIN.{override}"])

@@ -166,11 +166,43 @@ def merge_checked(base: dict, update: dict, source: str, prefix: str = "") -> di
 
 
 def set_key(cfg: dict, dotted: str, value: Any, source: str) -> dict:
-    """Return cfg with one dotted key replaced (checked like a file)."""
+    """Return cfg with one dotted key replaced (checked like a file). A number after a list's key
+    picks an entry: `DATA.TRAIN.TRANSFORMS.2.strength=1.0` sets one key of the third transform."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+        if isinstance(node, list):
+            where = ".".join(parts[: i + 1])
+            value = _replaced(node, parts[i + 1:], value, source, where)
+            parts = parts[: i + 1]
+            break
     update: Any = value
-    for part in reversed(dotted.split(".")):
+    for part in reversed(parts):
         update = {part: update}
     return merge_checked(cfg, update, source)
+
+
+def _replaced(node: Any, parts: list[str], value: Any, source: str, where: str) -> Any:
+    """A copy of `node` with the entry at `parts` (dict keys, list indices) set to `value`."""
+    if not parts:
+        return _coerce(value, node, where, source)
+    part, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"{source}: config.{where} is a list of {len(node)} entries; "
+                              f"pick one with a number from 0 to {len(node) - 1}, or set the whole list")
+        out = list(node)
+        out[int(part)] = _replaced(node[int(part)], rest, value, source, f"{where}.{part}")
+        return out
+    if isinstance(node, dict):
+        if part not in node:
+            raise ConfigError(f"{source}: unknown key config.{where}.{part}.{_suggest(part, [str(k) for k in node])} "
+                              f"To add a key, set the whole entry config.{where}")
+        return {**node, part: _replaced(node[part], rest, value, source, f"{where}.{part}")}
+    raise ConfigError(f"{source}: config.{where} is {type(node).__name__} {node!r}, it has no entry {part!r}")
 
 
 def compose(overrides: list[str]) -> dict:
