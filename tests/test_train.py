@@ -236,3 +236,61 @@ def test_collapse_warning_is_for_a_loss_at_ln_k_not_one_far_above(tmp_path, capl
         log.check_collapse(level, level=level, epoch=3)
     log.close()
     assert "collapse" in caplog.text
+
+
+def _with_a_cpu_scaler(monkeypatch):
+    """float16's gradient scaler, which training makes only for CUDA, on the CPU."""
+    import swav.train as training
+
+    real = training.build_step_context
+
+    def with_scaler(*args, **kwargs):
+        ctx = real(*args, **kwargs)
+        ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        return ctx
+
+    monkeypatch.setattr(training, "build_step_context", with_scaler)
+
+
+def test_a_float16_forward_that_overflows_skips_the_step_and_leaves_the_queue(tmp_path):
+    from swav.build import build_step_context, place_model
+    from swav.models import build_model
+    from swav.train import train_step
+
+    cfg = tiny(tmp_path, "config.LOSS.swav_loss.queue.queue_length=16", "config.LOSS.swav_loss.queue.start_iter=0")
+    torch.manual_seed(0)
+    model = place_model(cfg, build_model(cfg), torch.device("cpu"))
+    ctx = build_step_context(cfg, model, torch.device("cpu"))
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    crops = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)]
+    assert train_step(ctx, crops, 0, lr=0.1) is not None
+    model.normalize_prototypes()  # what every step does first, skipped or not
+    params = [p.detach().clone() for p in model.parameters()]
+    queue = ctx.objective.queue.clone()
+    crops[1][0, 0, 0, 0] = float("inf")  # what an activation overflowing float16 gives
+    assert train_step(ctx, crops, 1, lr=0.1) is None
+    for before, after in zip(params, model.parameters(), strict=True):
+        torch.testing.assert_close(after, before)  # a step at LR 0.1 moves them far more
+    assert torch.equal(queue, ctx.objective.queue)
+    assert ctx.scaler.get_scale() == 2.0**8  # the scale multiplies gradients, not the forward pass
+
+
+def test_float16_overflows_are_skipped_but_ten_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    import swav.train as training
+
+    _with_a_cpu_scaler(monkeypatch)
+    overflowing = {2, 3}  # iterations (from 0) whose forward pass overflows
+    calls = iter(range(10**6))
+    monkeypatch.setattr(training, "_overflowed", lambda outputs, device: next(calls) in overflowing)
+    train(tiny(tmp_path / "transient"))
+    log = (tmp_path / "transient" / "log.txt").read_text().splitlines()
+    skipped = [line.split(" ", 3)[3] for line in log if "overflowed" in line]
+    assert skipped == [f"iteration {i}: the float16 forward pass overflowed; step skipped ({n} in a row, the run "
+                       "stops at 10)" for i, n in ((3, 1), (4, 2))]
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "transient")[4:])
+    assert checkpoint.load(tmp_path / "transient" / checkpoint.CHECKPOINT_NAME)["iteration"] == 8
+
+    overflowing = set(range(1, 100))
+    calls = iter(range(10**6))
+    with pytest.raises(FloatingPointError, match="overflowed in 10 iterations in a row .up to iteration 11"):
+        train(tiny(tmp_path / "persistent", "config.OPTIMIZER.num_epochs=4"))

@@ -51,9 +51,10 @@ logger = logging.getLogger("swav")
 
 
 def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float,
-               indices: torch.Tensor | None = None) -> torch.Tensor:
+               indices: torch.Tensor | None = None) -> torch.Tensor | None:
     """One iteration of the configured method on a batch (`indices`: the images' dataset indices);
-    returns the detached loss tensor (the loss's finite check is the one host sync)."""
+    returns the detached loss tensor (the loss's finite check is the one host sync), or None when
+    a float16 forward pass overflowed and the step was skipped."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     # Prototypes live on the unit sphere, so scores are cosine similarities.
@@ -73,6 +74,9 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
         prototypes=[w.detach() for w in core.prototype_weights()],
         indices=indices,
     )
+    if ctx.scaler is not None and _overflowed(outputs, ctx.device):
+        _skip_overflowed_step(ctx)
+        return None
     loss = ctx.objective.step(outputs, iteration)
 
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -90,6 +94,27 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
     else:
         ctx.optimizer.step()
     return loss.detach()
+
+
+# float16 with a gradient scaler: the scaler skips a step whose gradients overflowed; a forward
+# pass that overflowed is skipped the same way, and only this many in a row stop the run (a
+# transient overflow, one unlucky batch, passes in a step or two; ten in a row is the weights).
+MAX_OVERFLOWED_STEPS_IN_A_ROW = 10
+
+
+def _overflowed(outputs: StepOutputs, device: torch.device) -> bool:
+    """True on every process when the forward pass of any one gave a non-finite value: they all
+    skip the step together (a process that went on to backward would wait for the others' gradients)."""
+    finite = torch.isfinite(outputs.embeddings).all()
+    for s in outputs.scores:
+        finite &= torch.isfinite(s).all()
+    return distributed.any_rank(not bool(finite), device)
+
+
+def _skip_overflowed_step(ctx: StepContext) -> None:
+    """No update; the objective is not called, so its state (a queue, a memory bank) takes nothing
+    from this batch. The loss scale stays: it scales the gradients, not the forward pass."""
+    ctx.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -341,6 +366,7 @@ class _Run:
     epoch: int = 0
     position: int = 0
     saved_at: int = -1  # the iteration of the latest checkpoint this run wrote
+    overflows_in_a_row: int = 0  # float16 steps skipped since the last one that was made
     # Set by _start.
     runlog: RunLogger | None = None
     collapse_level: float | None = None
@@ -434,6 +460,7 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
     first = run.position // batch
     replaced = 0
     window_loss, window_start, window_iters = torch.zeros((), device=run.device), time.perf_counter(), 0
+    window_steps = 0  # the window's iterations that made a step (float16 skips overflowed ones)
     bar = tqdm(
         total=run.iters_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.OPTIMIZER.num_epochs}",
         disable=None if run.main_process else True, dynamic_ncols=True, leave=False, file=sys.stderr,
@@ -442,7 +469,12 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         lr = float(run.lr_schedule[min(run.iteration, len(run.lr_schedule) - 1)])
         loss = train_step(run.ctx, batch_data["crops"], run.iteration, lr, indices=batch_data["indices"])
         replaced += int(batch_data["replaced"].sum())
-        window_loss += loss
+        if loss is None:
+            _note_overflow(run)
+        else:
+            run.overflows_in_a_row = 0
+            window_loss += loss
+            window_steps += 1
         window_iters += 1
         run.iteration += 1
         run.position = (step_in_epoch + 1) * batch
@@ -450,7 +482,7 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         if run.iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == run.iters_per_epoch:
             # One host sync per logging window, not per iteration; the loss is the mean over ranks.
             elapsed = time.perf_counter() - window_start
-            mean_loss = distributed.mean_over_ranks(window_loss).item() / window_iters
+            mean_loss = distributed.mean_over_ranks(window_loss).item() / window_steps if window_steps else float("nan")
             speed = window_iters * run.global_batch / max(elapsed, 1e-9)
             done = (run.iteration - run.start_iteration) / max(time.perf_counter() - run.start_time, 1e-9)
             eta = (run.total_iters - run.iteration) / max(done, 1e-9)
@@ -461,6 +493,7 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}", eta=format_duration(eta))
             run.runlog.check_collapse(mean_loss, run.collapse_level, epoch)
             window_loss, window_start, window_iters = torch.zeros((), device=run.device), time.perf_counter(), 0
+            window_steps = 0
             if signals.deferred and distributed.any_rank(signals.requested is not None, run.device):
                 raise _StopRequested(signals.requested or "a signal to another process")
         if cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY > 0 and run.iteration % cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0:
@@ -474,6 +507,20 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
     bar.close()
     run.position = 0  # the epoch is done: the next one starts at its first image
     return replaced
+
+
+def _note_overflow(run: _Run) -> None:
+    """A skipped float16 step: a warning, and a stop once too many came in a row."""
+    run.overflows_in_a_row += 1
+    if run.overflows_in_a_row >= MAX_OVERFLOWED_STEPS_IN_A_ROW:
+        raise FloatingPointError(
+            f"the float16 forward pass overflowed in {run.overflows_in_a_row} iterations in a row (up to "
+            f"iteration {run.iteration + 1}). Try: a lower learning rate (or a longer warm-up); check the "
+            "data for NaN/inf images; bfloat16 where the GPU has it (config.MODEL.AMP_PARAMS.AMP_TYPE=bfloat16) "
+            "or float32 (config.MODEL.AMP_PARAMS.USE_AMP=false)."
+        )
+    logger.warning("iteration %d: the float16 forward pass overflowed; step skipped (%d in a row, the run stops at %d)",
+                   run.iteration + 1, run.overflows_in_a_row, MAX_OVERFLOWED_STEPS_IN_A_ROW)
 
 
 def _end_epoch(run: _Run, epoch: int, replaced: int) -> None:

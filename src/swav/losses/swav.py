@@ -222,8 +222,8 @@ class SwAVLoss(Objective):
         total = 0.0
         for crop, q in zip(self.crops_for_assign, codes, strict=True):
             per_view = -(q.unsqueeze(0) * log_p).sum(dim=2).mean(dim=1)  # [num_crops]
-            others = [v for v in range(self.num_crops) if v != crop]
-            total = total + per_view[others].mean()
+            # The mean over the other crops, without a Python-list index (a host-to-device copy per crop on a GPU).
+            total = total + (per_view.sum() - per_view[crop]) / (self.num_crops - 1)
         return total / len(self.crops_for_assign)
 
     def _report_non_finite(self, loss: Tensor, score_sets, codes, iteration: int) -> None:
