@@ -488,3 +488,27 @@ def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tmp_path):
     assert "checkpoint saved, rerun the same command to resume" in stdout + stderr
     assert "DataLoader worker" not in stderr
     assert 0 < torch.load(run / "checkpoint.torch", weights_only=False)["iteration"] < 64
+
+
+def test_the_knn_monitor_of_two_processes_scores_like_one_process(tmp_path):
+    from swav.build import build_knn_data
+    from swav.config import load_config
+    from swav.eval.knn import evaluate_knn
+    from swav.models import build_model
+
+    run = tmp_path / "run"
+    knn = ["config.KNN_MONITOR.ENABLED=true", "config.KNN_MONITOR.EPOCH_FREQUENCY=1", "config.KNN_MONITOR.K=20",
+           "config.DATA.SYNTHETIC.NUM_IMAGES_TEST=33"]
+    args = [*TINY, *knn, "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            f"config.CHECKPOINT.DIR={run}"]
+    done = _swav(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((run / "knn.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    # The final monitor scored the final weights: one process scoring them alone agrees exactly.
+    cfg = load_config([*TINY, *knn, f"config.CHECKPOINT.DIR={run}"])
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(run / "model_final_checkpoint.torch", weights_only=True)["model"])
+    train_set, test_set = build_knn_data(cfg)
+    alone = evaluate_knn(model.trunk, train_set, test_set, image_size=cfg.KNN_MONITOR.IMAGE_SIZE, k=20, temperature=0.1)
+    assert record["trained"] == pytest.approx(alone, abs=1e-9)

@@ -253,3 +253,60 @@ def test_evaluate_knn_refuses_unlabelled_images():
     trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     with pytest.raises(ValueError, match="labelled images"):
         evaluate_knn(trunk, Unlabelled(), Unlabelled(), image_size=8, k=2)
+
+
+def _images(n: int, seed: int) -> list[tuple[Image.Image, int]]:
+    rng = np.random.default_rng(seed)
+    return [(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), int(i % 3)) for i in range(n)]
+
+
+def _trunk() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _sharded_knn_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = evaluate_knn(_trunk(), _images(21, 0), _images(11, 1), image_size=8, batch_size=4, k=[1, 5, 15])
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_knn_work_and_get_one_process_result(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    from swav.distributed import free_port
+
+    # 21 training images: shares of 11 and 10, fewer than k=15, so the merge pads and re-ranks.
+    context = mp.start_processes(_sharded_knn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "the two processes did not finish in 120 s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    alone = evaluate_knn(_trunk(), _images(21, 0), _images(11, 1), image_size=8, batch_size=4, k=[1, 5, 15])
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == alone
+    assert len({alone[f"k{k}"]["top1"] for k in (1, 5, 15)}) > 1  # the k values see different neighbours
+
+
+def test_shard_ranges_cover_every_item_once_in_order():
+    from swav.distributed import shard_range
+
+    for n, world in [(21, 2), (5, 8), (64, 4), (0, 3)]:
+        shares = [shard_range(n, r, world) for r in range(world)]
+        assert [i for share in shares for i in share] == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -254,6 +254,39 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def copy_buffers_from_rank0(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running averages) in every process's `model`, in place."""
+    if not is_distributed():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def all_gather_rows(x: Tensor, device: torch.device) -> Tensor:
+    """Every rank's rows of `x` (any number of rows per rank, the same trailing shape), in rank
+    order, on every rank, on `device` (where the process group's backend works: a GPU for nccl).
+    Tensors, not pickled objects: a pickled gather stages world x size bytes in one process."""
+    if not is_distributed():
+        return x.to(device)
+    rows = torch.tensor([x.shape[0]], device=device)
+    counts = [torch.zeros_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, rows)
+    counts = [int(c.item()) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]), device=device)
+    padded[: x.shape[0]] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
+def shard_range(num_items: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of `num_items`: the first `num_items % world_size` ranks get
+    one more; together they cover every item once, in order."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if not is_distributed():

@@ -536,10 +536,9 @@ def _end_epoch(run: _Run, epoch: int, replaced: int) -> None:
     knn_every = cfg.KNN_MONITOR.EPOCH_FREQUENCY
     if cfg.KNN_MONITOR.ENABLED and knn_every > 0 and (epoch + 1) % knn_every == 0 and not last:
         with run.clock.paused():
-            if run.main_process:
-                run_knn_monitor(cfg, run.core, run.device, epoch + 1, run.runlog, run.knn_data,
-                                iteration=run.iteration, train_seconds=run.clock.seconds())
-            distributed.barrier()
+            # Every process takes a share of the images (rank 0 writes the result).
+            run_knn_monitor(cfg, run.core, run.device, epoch + 1, run.runlog, run.knn_data,
+                            iteration=run.iteration, train_seconds=run.clock.seconds())
 
 
 def _save(run: _Run, path_name: str, epoch: int, position: int) -> None:
@@ -577,10 +576,8 @@ def _finish(run: _Run) -> dict:
         _save_logged(final, run.run_dir / checkpoint.FINAL_NAME)
     summary = {"iteration": run.iteration, "run_dir": str(run.run_dir), "minutes": (time.perf_counter() - run.start_time) / 60}
     if cfg.KNN_MONITOR.ENABLED:
-        if run.main_process:
-            summary["knn"] = run_knn_monitor(cfg, run.core, run.device, cfg.OPTIMIZER.num_epochs, run.runlog, run.knn_data,
-                                             iteration=run.iteration, train_seconds=run.clock.seconds())
-        distributed.barrier()
+        summary["knn"] = run_knn_monitor(cfg, run.core, run.device, cfg.OPTIMIZER.num_epochs, run.runlog, run.knn_data,
+                                         iteration=run.iteration, train_seconds=run.clock.seconds())
     run.runlog.close()
     logger.info("done: %d iterations in %.1f min; run folder %s", run.iteration, summary["minutes"], run.run_dir)
     return summary
