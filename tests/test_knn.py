@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_kmeans import _join_gloo, run_two_processes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
@@ -266,37 +267,17 @@ def _trunk() -> nn.Module:
 
 
 def _sharded_knn_worker(rank: int, port: int, out_dir: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    _join_gloo(rank, port)
     try:
         result = evaluate_knn(_trunk(), _images(21, 0), _images(11, 1), image_size=8, batch_size=4, k=[1, 5, 15])
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 def test_two_processes_share_the_knn_work_and_get_one_process_result(tmp_path):
-    import time
-
-    import torch.multiprocessing as mp
-
-    from swav.distributed import free_port
-
     # 21 training images: shares of 11 and 10, fewer than k=15, so the merge pads and re-ranks.
-    context = mp.start_processes(_sharded_knn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "the two processes did not finish in 120 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_two_processes(_sharded_knn_worker, (str(tmp_path),))
     alone = evaluate_knn(_trunk(), _images(21, 0), _images(11, 1), image_size=8, batch_size=4, k=[1, 5, 15])
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == alone
