@@ -41,6 +41,7 @@ from swav.losses import EpochContext, StepOutputs
 from swav.models import build_model
 from swav.resume import ConfigChanges, check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
+from swav.threads import ThreadTuner, thread_options
 
 logger = logging.getLogger("swav")
 
@@ -289,10 +290,12 @@ def _train(cfg: DictConfig, stop_after_iters: int | None, rank: int, world_size:
     resume, ckpt_path = _resume_state(cfg, Path(cfg.CHECKPOINT.DIR), rank == 0)
     changes, notes = _resume_changes(cfg, resume, ckpt_path, world_size)
     run = _set_up(cfg, rank, world_size, resume, changes, notes)
+    threads = torch.get_num_threads()
     try:
         return _run_epochs(run, resume, ckpt_path, stop_after_iters)
     finally:
         shut_down_workers(run.loader)
+        torch.set_num_threads(threads)  # the thread tuner's choice ends with the run
 
 
 def _run_epochs(run: _Run, resume: dict | None, ckpt_path: Path | None, stop_after_iters: int | None) -> dict:
@@ -367,6 +370,7 @@ class _Run:
     position: int = 0
     saved_at: int = -1  # the iteration of the latest checkpoint this run wrote
     overflows_in_a_row: int = 0  # float16 steps skipped since the last one that was made
+    threads: ThreadTuner | None = None  # chooses the CPU thread count from step times
     # Set by _start.
     runlog: RunLogger | None = None
     collapse_level: float | None = None
@@ -446,6 +450,9 @@ def _start(run: _Run) -> None:
         embed=functools.partial(embed_epoch, run.ctx, run.loader, run.sampler),
         prototypes=functools.partial(_detached_prototypes, run.core),
     )
+    options = thread_options(torch.get_num_threads())
+    if cfg.MACHINE.ADAPT_THREADS and run.device.type == "cpu" and options:
+        run.threads = ThreadTuner(options)
     run.model.train()
     run.start_time = time.perf_counter()
     run.start_iteration = run.iteration
@@ -469,6 +476,8 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         lr = float(run.lr_schedule[min(run.iteration, len(run.lr_schedule) - 1)])
         loss = train_step(run.ctx, batch_data["crops"], run.iteration, lr, indices=batch_data["indices"])
         replaced += int(batch_data["replaced"].sum())
+        if run.threads is not None and (note := run.threads.step_done()):
+            logger.info(note)
         if loss is None:
             _note_overflow(run)
         else:
