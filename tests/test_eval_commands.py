@@ -170,13 +170,24 @@ def test_one_process_under_a_launcher_is_not_refused():
     refuse_launchers("knn", cfg, {**SRUN_TASK_1, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"})
 
 
-def _extract_worker(rank: int, port: int, out_path: str) -> None:
+def _extract_worker(rank: int, port: int, out_path: str, as_if_nccl: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if as_if_nccl:  # the gather then takes its own gloo group, as it does beside an nccl group
+        import swav.eval.features as features
+
+        real = dist.get_backend
+        features.dist = type("Dist", (), {name: staticmethod(getattr(dist, name)) for name in dir(dist)
+                                          if not name.startswith("_")})
+        features.dist.get_backend = staticmethod(lambda group=None: "nccl" if group is None else real(group))
+        made = []
+        features.dist.new_group = staticmethod(lambda **kwargs: made.append(kwargs) or dist.new_group(**kwargs))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     data = [(torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)), i % 3) for i in range(11)]
     result = extract_dataset(model, data, lambda t: t, batch_size=4)
+    if as_if_nccl:
+        assert made == [{"backend": "gloo"}]
     if rank == 0:
         torch.save(result, out_path)
     else:
@@ -184,12 +195,13 @@ def _extract_worker(rank: int, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def test_extraction_shards_over_two_processes_and_gathers_in_order(tmp_path):
+@pytest.mark.parametrize("as_if_nccl", [False, True])
+def test_extraction_shards_over_two_processes_and_gathers_in_order(tmp_path, as_if_nccl):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the workers inherit the imports (spawn would spend seconds importing torch again).
-    mp.start_processes(_extract_worker, args=(port, str(tmp_path / "f.pt")), nprocs=2, start_method="fork")
+    mp.start_processes(_extract_worker, args=(port, str(tmp_path / "f.pt"), as_if_nccl), nprocs=2, start_method="fork")
     features, labels = torch.load(tmp_path / "f.pt", weights_only=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torchvision import transforms
 
@@ -402,7 +403,11 @@ def extract_main(argv: list[str]) -> int:
     """`swav extract`: pooled trunk features (+ labels and paths) of DATA.TRAIN / DATA.TEST."""
     cfg = _config("extract", argv, "Save trunk features of DATA.TRAIN and DATA.TEST to CHECKPOINT.DIR/features/.")
     _join_launcher_group(cfg)
-    results = run_extract(cfg)
+    try:
+        results = run_extract(cfg)
+    finally:
+        if dist.is_initialized():  # leave the launcher's group cleanly (nccl warns otherwise)
+            dist.destroy_process_group()
     if results["files"]:  # rank 0
         print(json.dumps(results, indent=2))
     return 0
