@@ -22,8 +22,8 @@ import sys
 
 import torch
 
+from swav.build import build_model
 from swav.config import load_config
-from swav.models import build_model
 
 
 def computed(cfg) -> dict:

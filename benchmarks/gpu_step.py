@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from swav.build import build_step_context, place_model
+from swav.build import build_model, build_step_context, place_model
 from swav.config import load_config
-from swav.models import build_model
 from swav.train import train_step
 
 PRECISIONS = {

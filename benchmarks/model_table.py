@@ -38,8 +38,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from swav.build import build_model
 from swav.config import load_config
-from swav.models import build_model
 
 BASE = "config=pretrain/swav/swav_8node_resnet"
 GROUP = "+config/pretrain/swav/models"

@@ -83,8 +83,8 @@ def trunk_step_flops(overrides: list[str]) -> tuple[float, float]:
 
     The prototypes are left out: they are part of the loss step measured here.
     """
+    from swav.build import build_model
     from swav.config import load_config
-    from swav.models import build_model
 
     cfg = load_config(overrides)
     r = recipe(overrides)

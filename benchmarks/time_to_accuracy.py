@@ -194,9 +194,8 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     from torchvision.datasets import ImageFolder
 
     from swav import precision
-    from swav.build import build_knn_data
+    from swav.build import build_knn_data, build_model
     from swav.eval.knn import evaluate_knn
-    from swav.models import build_model
 
     t_wall = time.perf_counter()
     best = side == "peer-best"

@@ -18,9 +18,8 @@ import time
 
 import torch
 
-from swav.build import build_step_context, place_model
+from swav.build import build_model, build_step_context, place_model
 from swav.config import load_config
-from swav.models import build_model
 from swav.train import train_step
 
 VARIANTS = {

@@ -121,12 +121,12 @@ def build_ours_step(cfg, levers: tuple[str, ...] = (), rank: int = 0):
         StepContext,
         autocast_context,
         build_loss,
+        build_model,
         build_optimizer,
         frozen_parameters,
         place_model,
         wrap_distributed,
     )
-    from swav.models import build_model
     from swav.train import train_step
 
     device = torch.device("cpu")
@@ -232,8 +232,8 @@ def build_peer(overrides: list[str], best: bool):
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
     from swav import precision
+    from swav.build import build_model
     from swav.config import load_config
-    from swav.models import build_model
 
     cfg = load_config(overrides)
     torch.manual_seed(0)

@@ -11,9 +11,8 @@ import torch
 from test_promises import TINY
 
 from swav import checkpoint, precision
-from swav.build import amp_dtype, build_step_context, place_model
+from swav.build import amp_dtype, build_model, build_step_context, place_model
 from swav.config import load_config
-from swav.models import build_model
 from swav.train import train, train_step
 
 pytestmark = [

@@ -15,11 +15,10 @@ from test_kmeans import _join_gloo, run_two_processes
 from test_promises import TINY_TRUNK, train_two_processes
 
 from swav import checkpoint
-from swav.build import build_step_context, place_model
+from swav.build import build_model, build_step_context, place_model
 from swav.config import ConfigError, load_config
 from swav.data import ResumableSampler
 from swav.losses import DeepClusterV2Loss, EpochContext, StepOutputs, spherical_kmeans
-from swav.models import build_model
 from swav.train import train, train_step
 
 RECIPE = "config=pretrain/deepcluster_v2/deepclusterv2_cifar10_resnet18"

@@ -491,10 +491,9 @@ def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tmp_path):
 
 
 def test_the_knn_monitor_of_two_processes_scores_like_one_process(tmp_path):
-    from swav.build import build_knn_data
+    from swav.build import build_knn_data, build_model
     from swav.config import load_config
     from swav.eval.knn import evaluate_knn
-    from swav.models import build_model
 
     run = tmp_path / "run"
     knn = ["config.KNN_MONITOR.ENABLED=true", "config.KNN_MONITOR.EPOCH_FREQUENCY=1", "config.KNN_MONITOR.K=20",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,13 +10,14 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 
+from swav.build import build_model
 from swav.models import (
     ResNet,
     SSLModel,
     SwAVHead,
-    build_model,
+    model_from,
     resnet_num_features,
-    trunk_num_features,
+    trunk_width,
 )
 
 
@@ -393,7 +393,7 @@ def _cfg(name="resnet", depth=18, width=1, head=None):
 def test_build_model_from_config():
     torch.manual_seed(0)
     cfg = _cfg()
-    assert trunk_num_features(cfg) == 512
+    assert trunk_width(cfg.MODEL.TRUNK) == 512
     model = build_model(cfg)
     assert isinstance(model, SSLModel) and isinstance(model.trunk, ResNet)
     assert model.trunk.conv1.kernel_size == (3, 3)
@@ -402,16 +402,10 @@ def test_build_model_from_config():
     z, (scores,) = model([torch.randn(2, 3, 16, 16)] * 2)
     assert z.shape == (4, 16) and scores.shape == (4, 20)
 
-    # Attribute access without omegaconf works too.
-    ns = SimpleNamespace(
-        MODEL=SimpleNamespace(
-            TRUNK=SimpleNamespace(
-                NAME="resnet", RESNETS=SimpleNamespace(**cfg.MODEL.TRUNK.RESNETS)
-            ),
-            HEAD=SimpleNamespace(PARAMS=[["swav_head", {"dims": [512], "num_clusters": []}]]),
-        )
-    )
-    assert build_model(ns).heads[0].num_clusters == []
+    # Plain dicts and lists, without omegaconf: what the models package itself takes.
+    plain = {"TRUNK": {"NAME": "resnet", "RESNETS": OmegaConf.to_container(cfg.MODEL.TRUNK.RESNETS)},
+             "HEAD": {"PARAMS": [["swav_head", {"dims": [512], "num_clusters": []}]]}}
+    assert model_from(plain).heads[0].num_clusters == []
 
 
 def test_build_model_errors():

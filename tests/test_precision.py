@@ -81,8 +81,7 @@ def test_bfloat16_on_a_gpu_needs_compute_capability_8(gpu, caplog, capability, a
 
 def test_float16_on_an_older_gpu_gets_the_gradient_scaler(gpu, monkeypatch):
     from swav import build
-    from swav.build import build_step_context
-    from swav.models import build_model
+    from swav.build import build_model, build_step_context
 
     gpu((7, 0))
     # Stand-ins for what would touch a real GPU: the scaler records that it was made, and the

@@ -18,13 +18,14 @@ from swav.build import (
     StepContext,
     build_loss,
     build_lr_schedule,
+    build_model,
     build_step_context,
     place_model,
 )
 from swav.config import ConfigError, load_config
 from swav.data import build_transforms
 from swav.losses import SwAVLoss
-from swav.models import SwAVHead, build_model
+from swav.models import SwAVHead
 from swav.train import train_step
 
 BASE = "config=pretrain/swav/swav_8node_resnet"

@@ -17,10 +17,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from swav import checkpoint
+from swav.build import build_model
 from swav.cli import guarded
 from swav.config import load_config
 from swav.data.synthetic import SyntheticShapes
-from swav.models import build_model
 from swav.report import build_report, main, plots, prototype_usage, usage_stats
 from swav.report.compare import CompareError, build_comparison
 from swav.report.gallery import compute_gallery

@@ -16,10 +16,9 @@ from test_promises import TINY_TRUNK
 
 import swav.losses.sela_v2 as sela_module
 from swav import checkpoint
-from swav.build import build_step_context, place_model
+from swav.build import build_model, build_step_context, place_model
 from swav.config import ConfigError, load_config
 from swav.losses import EpochContext, SeLaV2Loss, StepOutputs, sinkhorn, sinkhorn_labels
-from swav.models import build_model
 from swav.train import train, train_step
 
 RECIPE = "config=pretrain/sela_v2/sela_v2_cifar10_resnet18"

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from test_promises import TINY_TRUNK, train_two_processes
 
 from swav import checkpoint
-from swav.build import build_objective
+from swav.build import build_model, build_objective
 from swav.config import ConfigError, load_config
 from swav.distributed import free_port
 from swav.losses import SimCLRLoss, StepOutputs, multicrop_info_nce
 from swav.losses.simclr import gather_with_grad, global_crop_major, rank_rows
-from swav.models import SwAVHead, build_model
+from swav.models import SwAVHead
 from swav.report import build_report
 from swav.train import train
 from swav.weights import export_trunk

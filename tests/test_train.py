@@ -253,8 +253,7 @@ def _with_a_cpu_scaler(monkeypatch):
 
 
 def test_a_float16_forward_that_overflows_skips_the_step_and_leaves_the_queue(tmp_path):
-    from swav.build import build_step_context, place_model
-    from swav.models import build_model
+    from swav.build import build_model, build_step_context, place_model
     from swav.train import train_step
 
     cfg = tiny(tmp_path, "config.LOSS.swav_loss.queue.queue_length=16", "config.LOSS.swav_loss.queue.start_iter=0")

@@ -27,6 +27,7 @@ from swav.build import (
     amp_dtype,
     build_knn_data,
     build_lr_schedule,
+    build_model,
     build_step_context,
     build_train_data,
     place_model,
@@ -38,7 +39,6 @@ from swav.config import ConfigError, to_yaml, world_size_of
 from swav.data import shut_down_workers
 from swav.eval.monitor import run_knn_monitor
 from swav.losses import EpochContext, StepOutputs
-from swav.models import build_model
 from swav.resume import ConfigChanges, check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
 from swav.threads import ThreadTuner, thread_options

@@ -29,7 +29,7 @@ from swav.models import (
     SUPPORTED_TRUNKS,
     regnet_block_params,
     regnet_kwargs,
-    trunk_num_features,
+    trunk_width,
 )
 
 logger = logging.getLogger("swav")
@@ -375,7 +375,7 @@ def check_trunk(trunk: dict) -> None:
         return
     _regnet_types(trunk["REGNET"])
     try:
-        regnet_block_params(**regnet_kwargs({"MODEL": {"TRUNK": trunk}}))
+        regnet_block_params(**regnet_kwargs(trunk.get("REGNET")))
     except ValueError as e:
         raise ConfigError(f"config.MODEL.TRUNK.REGNET: {e}") from None
 
@@ -574,7 +574,7 @@ def check_crop_sizes(cfg: dict, crops: dict) -> None:
 def check_head_width(cfg: dict, head: dict) -> None:
     """The head's first width is the number of features the trunk gives."""
     # Computed from the architecture's arithmetic, so checking a 10444-wide RegNet costs nothing.
-    features = trunk_num_features(cfg)
+    features = trunk_width(cfg["MODEL"]["TRUNK"])
     if int(head["dims"][0]) != features:
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: {head['name']} dims[0]={head['dims'][0]} but the trunk "

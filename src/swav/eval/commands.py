@@ -60,7 +60,7 @@ def build_split(cfg: DictConfig, split: str):
 
 def build_eval_trunk(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     """The trunk with its weights, and a description of where they came from."""
-    from swav.models import build_trunk
+    from swav.build import build_trunk
     from swav.weights import load_trunk_weights
 
     torch.manual_seed(cfg.SEED_VALUE)  # the random-init baseline is reproducible

@@ -7,8 +7,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from swav import distributed
+from swav.build import build_model
 from swav.eval.knn import evaluate_knn
-from swav.models import build_model
 from swav.runlog import RunLogger
 
 

@@ -1,11 +1,10 @@
-"""Trunks, heads and the SSL model; ``build_model`` is the one place config becomes arguments."""
+"""Trunks, heads and the SSL model, built from plain arguments or plain ``MODEL`` sections."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from swav.models.heads import SwAVHead
@@ -23,14 +22,14 @@ __all__ = [
     "SUPPORTED_HEADS",
     "SUPPORTED_TRUNKS",
     "SwAVHead",
-    "build_head",
-    "build_model",
-    "build_trunk",
+    "head_from",
+    "model_from",
+    "trunk_from",
     "regnet_block_params",
     "regnet_kwargs",
     "regnet_num_features",
     "resnet_num_features",
-    "trunk_num_features",
+    "trunk_width",
 ]
 
 SUPPORTED_TRUNKS = ("resnet", "regnet")
@@ -53,26 +52,8 @@ REGNET_KEYS = (
 )
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers to plain Python lists and dicts."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _get(section: Any, key: str, default: Any = None) -> Any:
-    """``section[key]`` for dicts (as ``swav.config.infer`` passes them), attribute otherwise."""
-    if isinstance(section, Mapping):
-        return section.get(key, default)
-    return getattr(section, key, default)
-
-
-def _trunk_section(cfg: Any) -> Any:
-    return _get(_get(cfg, "MODEL"), "TRUNK")
-
-
-def _trunk_name(cfg: Any) -> str:
-    name = str(_get(_trunk_section(cfg), "NAME")).lower()
+def _trunk_name(trunk: Mapping) -> str:
+    name = str(trunk["NAME"]).lower()
     if name not in SUPPORTED_TRUNKS:
         raise ValueError(
             f"MODEL.TRUNK.NAME={name!r} is not supported; supported trunks: {list(SUPPORTED_TRUNKS)}"
@@ -80,53 +61,47 @@ def _trunk_name(cfg: Any) -> str:
     return name
 
 
-def regnet_kwargs(cfg: Any) -> dict[str, Any]:
-    """``MODEL.TRUNK.REGNET`` as arguments of ``regnet_block_params`` (unset keys left out)."""
-    section = _get(_trunk_section(cfg), "REGNET")
-    if section is None:
+def regnet_kwargs(regnet: Mapping | None) -> dict[str, Any]:
+    """A ``MODEL.TRUNK.REGNET`` section as arguments of ``regnet_block_params`` (unset keys left out)."""
+    if regnet is None:
         raise ValueError("MODEL.TRUNK.NAME=regnet needs a MODEL.TRUNK.REGNET section")
-    kwargs: dict[str, Any] = {"name": _get(section, "name") or None}
+    kwargs: dict[str, Any] = {"name": regnet.get("name") or None}
     for key in REGNET_KEYS:
-        value = _get(section, key)
-        if value is not None:
-            kwargs[key] = value
+        if regnet.get(key) is not None:
+            kwargs[key] = regnet[key]
     return kwargs
 
 
-def trunk_num_features(cfg: Any) -> int:
-    """Width of the trunk's pooled output for this config, computed without building the trunk."""
-    trunk = _trunk_section(cfg)
-    if _trunk_name(cfg) == "regnet":
-        return regnet_num_features(regnet_block_params(**regnet_kwargs(cfg)))
-    r = _get(trunk, "RESNETS")
-    return resnet_num_features(int(_get(r, "DEPTH")), float(_get(r, "WIDTH_MULTIPLIER")))
+def trunk_width(trunk: Mapping) -> int:
+    """Width of the pooled output of the trunk a ``MODEL.TRUNK`` section describes, computed
+    without building it."""
+    if _trunk_name(trunk) == "regnet":
+        return regnet_num_features(regnet_block_params(**regnet_kwargs(trunk.get("REGNET"))))
+    r = trunk["RESNETS"]
+    return resnet_num_features(int(r["DEPTH"]), float(r["WIDTH_MULTIPLIER"]))
 
 
-def build_trunk(cfg: Any) -> ResNet | RegNet:
-    trunk = _trunk_section(cfg)
-    if _trunk_name(cfg) == "regnet":
-        stem_width = _get(_get(trunk, "REGNET"), "stem_width")
-        return RegNet(
-            regnet_block_params(**regnet_kwargs(cfg)),
-            stem_width=int(stem_width) if stem_width else 32,
-        )
-    r = _get(trunk, "RESNETS")
+def trunk_from(trunk: Mapping) -> ResNet | RegNet:
+    """The trunk a ``MODEL.TRUNK`` section describes."""
+    if _trunk_name(trunk) == "regnet":
+        stem_width = trunk["REGNET"].get("stem_width")
+        return RegNet(regnet_block_params(**regnet_kwargs(trunk["REGNET"])), stem_width=int(stem_width) if stem_width else 32)
+    r = trunk["RESNETS"]
     return ResNet(
-        depth=int(_get(r, "DEPTH")),
-        width_multiplier=float(_get(r, "WIDTH_MULTIPLIER")),
-        groups=int(_get(r, "GROUPS")),
-        width_per_group=int(_get(r, "WIDTH_PER_GROUP")),
-        small_stem=bool(_get(r, "SMALL_STEM")),
-        small_stem_stride=int(_get(r, "SMALL_STEM_STRIDE", 1)),
-        zero_init_residual=bool(_get(r, "ZERO_INIT_RESIDUAL")),
+        depth=int(r["DEPTH"]),
+        width_multiplier=float(r["WIDTH_MULTIPLIER"]),
+        groups=int(r["GROUPS"]),
+        width_per_group=int(r["WIDTH_PER_GROUP"]),
+        small_stem=bool(r["SMALL_STEM"]),
+        small_stem_stride=int(r.get("SMALL_STEM_STRIDE", 1)),
+        zero_init_residual=bool(r["ZERO_INIT_RESIDUAL"]),
     )
 
 
-def build_head(cfg: Any, in_features: int) -> SwAVHead:
-    """The head from ``MODEL.HEAD.PARAMS`` = ``[["swav_head", {...}]]`` or ``[["mlp", {...}]]``
+def head_from(entries: Sequence, in_features: int) -> SwAVHead:
+    """The head of ``MODEL.HEAD.PARAMS`` = ``[["swav_head", {...}]]`` or ``[["mlp", {...}]]``
     (the same projection, L2-normalised, without prototypes), checked against the trunk width
     ``in_features``."""
-    entries = _plain(cfg.MODEL.HEAD.PARAMS)
     if not isinstance(entries, (list, tuple)) or len(entries) != 1:
         raise ValueError(
             f"MODEL.HEAD.PARAMS must hold exactly one [name, params] entry, got {entries!r}"
@@ -160,10 +135,10 @@ def build_head(cfg: Any, in_features: int) -> SwAVHead:
     )
 
 
-def build_model(cfg: Any) -> SSLModel:
-    """Trunk and head from a resolved config (``cfg.MODEL.TRUNK`` and ``cfg.MODEL.HEAD``)."""
+def model_from(model: Mapping) -> SSLModel:
+    """Trunk and head of a ``MODEL`` section given as plain dicts and lists (``swav.build.build_model``
+    makes them from a config)."""
     # Check the head against the trunk width before building either (wide trunks are slow to build).
-    in_features = trunk_num_features(cfg)
-    head = build_head(cfg, in_features)
-    trunk = build_trunk(cfg)
-    return SSLModel(trunk, nn.ModuleList([head]))
+    in_features = trunk_width(model["TRUNK"])
+    head = head_from(model["HEAD"]["PARAMS"], in_features)
+    return SSLModel(trunk_from(model["TRUNK"]), nn.ModuleList([head]))

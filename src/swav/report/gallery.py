@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from swav import checkpoint
-from swav.build import build_dataset_from, normalizes_prototypes
+from swav.build import build_dataset_from, build_model, normalizes_prototypes
 from swav.config import ConfigError
-from swav.models import build_model
 
 
 class GallerySkipped(Exception):
