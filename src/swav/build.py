@@ -29,7 +29,7 @@ from swav.data import (
     build_transforms,
 )
 from swav.losses import DeepClusterV2Loss, Objective, SeLaV2Loss, SimCLRLoss, SwAVLoss
-from swav.models import SSLModel, model_from, trunk_from
+from swav.models import build_model, build_trunk  # noqa: F401  (the builders of the model live with it)
 from swav.optim import (
     LARC,
     constant_schedule,
@@ -261,16 +261,6 @@ class StepContext:
     device: torch.device
     channels_last: bool
     normalize_prototypes: bool
-
-
-def build_model(cfg: DictConfig) -> SSLModel:
-    """The trunk and head `cfg.MODEL` describes, freshly initialised."""
-    return model_from(OmegaConf.to_container(cfg.MODEL, resolve=True))
-
-
-def build_trunk(cfg: DictConfig) -> nn.Module:
-    """The trunk `cfg.MODEL.TRUNK` describes, freshly initialised."""
-    return trunk_from(OmegaConf.to_container(cfg.MODEL.TRUNK, resolve=True))
 
 
 def place_model(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:

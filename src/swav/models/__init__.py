@@ -1,10 +1,12 @@
-"""Trunks, heads and the SSL model, built from plain arguments or plain ``MODEL`` sections."""
+"""Trunks, heads and the SSL model: ``build_model(cfg)`` reads the config, once, into plain
+sections; everything below it takes plain arguments."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from swav.models.heads import SwAVHead
@@ -22,6 +24,8 @@ __all__ = [
     "SUPPORTED_HEADS",
     "SUPPORTED_TRUNKS",
     "SwAVHead",
+    "build_model",
+    "build_trunk",
     "head_from",
     "model_from",
     "trunk_from",
@@ -142,3 +146,14 @@ def model_from(model: Mapping) -> SSLModel:
     in_features = trunk_width(model["TRUNK"])
     head = head_from(model["HEAD"]["PARAMS"], in_features)
     return SSLModel(trunk_from(model["TRUNK"]), nn.ModuleList([head]))
+
+
+def build_model(cfg: DictConfig) -> SSLModel:
+    """The SSL model a resolved config's ``MODEL`` section describes: ``.trunk`` (features) and
+    ``.heads`` (projection and prototypes), freshly initialised."""
+    return model_from(OmegaConf.to_container(cfg.MODEL, resolve=True))
+
+
+def build_trunk(cfg: DictConfig) -> ResNet | RegNet:
+    """The trunk of a resolved config's ``MODEL.TRUNK``, freshly initialised."""
+    return trunk_from(OmegaConf.to_container(cfg.MODEL.TRUNK, resolve=True))
