@@ -245,11 +245,12 @@ def mean_over_ranks(x: Tensor) -> Tensor:
     return x / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every process when it is True on at least one (e.g. a stop request)."""
+def any_rank(flag: bool | Tensor, device: torch.device) -> bool:
+    """True on every process when it is True on at least one (e.g. a stop request). A tensor flag
+    goes into the all-reduce as it is: one host sync, at the end."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return bool(flag)
+    t = torch.as_tensor(flag, device=device).to(torch.int32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
