@@ -293,3 +293,43 @@ def test_float16_overflows_are_skipped_but_ten_in_a_row_stop_the_run(tmp_path, m
     calls = iter(range(10**6))
     with pytest.raises(FloatingPointError, match="overflowed in 10 iterations in a row .up to iteration 11"):
         train(tiny(tmp_path / "persistent", "config.OPTIMIZER.num_epochs=4"))
+
+
+# ------------------------------------------------------------------ the non-finite loss on a GPU
+
+
+def test_the_loss_watch_names_the_first_non_finite_iteration():
+    from swav.train import LossWatch
+
+    watch = LossWatch(torch.device("cpu"))
+    for iteration, value in enumerate([1.0, 2.0, float("nan"), 3.0, float("inf")]):
+        watch.record(torch.tensor(value), iteration)
+    with pytest.raises(FloatingPointError, match="not finite at iteration 2 .read at iteration 5"):
+        watch.check(5)
+    fine = LossWatch(torch.device("cpu"))
+    fine.record(torch.tensor(0.5), 0)
+    fine.check(1)  # nothing to say
+
+
+def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkpoint_follows(tmp_path, monkeypatch):
+    """What a GPU run does (there, reading each step's loss would wait for its kernels): the
+    objective does not read the loss, the loop reads the first bad iteration once per window,
+    and before any checkpoint."""
+    import swav.train as training
+
+    real_step = training.train_step
+
+    def step_as_on_a_gpu(ctx, crops, iteration, lr, **kwargs):
+        ctx.check_each_step = False
+        if iteration == 5:  # NaN images: the loss, then the weights, are NaN from here on
+            crops = [torch.full_like(c, float("nan")) for c in crops]
+        return real_step(ctx, crops, iteration, lr, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", step_as_on_a_gpu)
+    # Saves after iterations 4 and 8, log lines every 10: the save at 8 is where the watch reads.
+    cfg = tiny(tmp_path, "config.LOG_FREQUENCY=10", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4",
+               "config.OPTIMIZER.num_epochs=3")
+    with pytest.raises(FloatingPointError, match="not finite at iteration 5 .read at iteration 8"):
+        train(cfg)
+    state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
+    assert state["iteration"] == 4 and not checkpoint.non_finite_tensors(state["model"])

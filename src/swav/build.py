@@ -261,6 +261,9 @@ class StepContext:
     device: torch.device
     channels_last: bool
     normalize_prototypes: bool
+    # Read each step's loss to stop at the first non-finite one: free on a CPU; on a GPU the read
+    # waits for the step's kernels, so there the training loop reads once per logging window.
+    check_each_step: bool = True
 
 
 def place_model(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:
@@ -283,6 +286,7 @@ def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) 
         device=device,
         channels_last=cfg.MODEL.CHANNELS_LAST,
         normalize_prototypes=normalizes_prototypes(cfg),
+        check_each_step=device.type == "cpu",
     )
 
 

@@ -39,6 +39,7 @@ from swav.config import ConfigError, to_yaml, world_size_of
 from swav.data import shut_down_workers
 from swav.eval.monitor import run_knn_monitor
 from swav.losses import EpochContext, StepOutputs
+from swav.losses.objective import NON_FINITE_ADVICE
 from swav.resume import ConfigChanges, check_resume, compare_configs, saved_config
 from swav.runlog import RunLogger, format_duration, setup_logging
 from swav.threads import ThreadTuner, thread_options
@@ -54,8 +55,9 @@ logger = logging.getLogger("swav")
 def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float,
                indices: torch.Tensor | None = None) -> torch.Tensor | None:
     """One iteration of the configured method on a batch (`indices`: the images' dataset indices);
-    returns the detached loss tensor (the loss's finite check is the one host sync), or None when
-    a float16 forward pass overflowed and the step was skipped."""
+    returns the detached loss tensor, or None when a float16 forward pass overflowed and the step
+    was skipped. On a CPU the objective stops at a non-finite loss (reading it is free); on a GPU
+    the loop's LossWatch does, once per logging window."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     # Prototypes live on the unit sphere, so scores are cosine similarities.
@@ -74,6 +76,7 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
         scores=[s.float() for s in scores],
         prototypes=[w.detach() for w in core.prototype_weights()],
         indices=indices,
+        check_finite=ctx.check_each_step,
     )
     if ctx.scaler is not None and _overflowed(outputs, ctx.device):
         _skip_overflowed_step(ctx)
@@ -110,6 +113,28 @@ def _overflowed(outputs: StepOutputs, device: torch.device) -> bool:
     for s in outputs.scores:
         finite &= torch.isfinite(s).all()
     return distributed.any_rank(~finite, device)  # one host sync per step, under float16 only
+
+
+class LossWatch:
+    """The first iteration whose loss was not finite, kept on the loss's device: recording it
+    needs no host sync, and `check()` reads it once (per logging window, and before a checkpoint,
+    so that no checkpoint is written after a bad step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def record(self, loss: torch.Tensor, iteration: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, iteration, self.first_bad)
+
+    def check(self, iteration: int) -> None:
+        first = int(self.first_bad)
+        if first >= 0:
+            raise FloatingPointError(
+                f"the loss is not finite at iteration {first} (read at iteration {iteration}: on a GPU the "
+                "loss is read once per logging window, config.LOG_FREQUENCY; no checkpoint was written "
+                f"after it). {NON_FINITE_ADVICE}"
+            )
 
 
 def _skip_overflowed_step(ctx: StepContext) -> None:
@@ -364,6 +389,7 @@ class _Run:
     lr_schedule: np.ndarray
     lr_restart: tuple[int, float] | None
     clock: _TrainClock
+    loss_watch: LossWatch  # the first non-finite loss, read once per logging window
     # Where the run is: iterations done, the epoch, and the images of it this process has consumed.
     iteration: int = 0
     epoch: int = 0
@@ -427,6 +453,7 @@ def _set_up(cfg: DictConfig, rank: int, world_size: int, resume: dict | None,
         batch=batch, iters_per_epoch=iters_per_epoch, total_iters=cfg.OPTIMIZER.num_epochs * iters_per_epoch,
         global_batch=batch * world_size, model=model, core=unwrap(model), ctx=ctx, autocast_dtype=dtype,
         lr_schedule=lr_schedule, lr_restart=lr_restart, clock=_TrainClock(),
+        loss_watch=LossWatch(device),
     )
 
 
@@ -482,6 +509,7 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
             _note_overflow(run)
         else:
             run.overflows_in_a_row = 0
+            run.loss_watch.record(loss, run.iteration)
             window_loss += loss
             window_steps += 1
         window_iters += 1
@@ -490,6 +518,7 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         bar.update(1)
         if run.iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == run.iters_per_epoch:
             # One host sync per logging window, not per iteration; the loss is the mean over ranks.
+            run.loss_watch.check(run.iteration)
             elapsed = time.perf_counter() - window_start
             mean_loss = distributed.mean_over_ranks(window_loss).item() / window_steps if window_steps else float("nan")
             speed = window_iters * run.global_batch / max(elapsed, 1e-9)
@@ -552,6 +581,7 @@ def _end_epoch(run: _Run, epoch: int, replaced: int) -> None:
 
 def _save(run: _Run, path_name: str, epoch: int, position: int) -> None:
     """Checkpoint the training state at `run.iteration`, to go on at image `position` of `epoch`."""
+    run.loss_watch.check(run.iteration)
     # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
     run.saved_at = run.iteration
     objective_states = distributed.gather_objects({k: v.cpu() for k, v in run.ctx.objective.state_dict().items()})

@@ -160,7 +160,7 @@ class PseudoLabelObjective(Objective):
         indices = outputs.indices.to(self.bank_indices.device)
         self._remember(outputs.embeddings.detach(), indices, iteration)
         loss = self.classification_loss(self.head_scores(outputs), indices)
-        return check_finite_loss(loss, type(self).__name__, iteration)
+        return check_finite_loss(loss, type(self).__name__, iteration, outputs.check_finite)
 
     @torch.no_grad()
     def _remember(self, embeddings: Tensor, indices: Tensor, iteration: int) -> None:

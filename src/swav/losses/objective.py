@@ -26,6 +26,9 @@ class StepOutputs:
     scores: list[Tensor]  # per prototype head: [num_crops * B, K_j], with gradient
     prototypes: list[Tensor]  # per head: [K_j, D], detached
     indices: Tensor | None = None  # [B] dataset index of each image (methods with per-image targets)
+    # Whether the objective reads its loss to stop at the first non-finite one. Reading a GPU tensor
+    # waits for the step's kernels, so on a GPU the training loop checks once per logging window instead.
+    check_finite: bool = True
 
 
 @dataclass
@@ -60,12 +63,14 @@ class Objective(nn.Module):
         return None
 
 
-def check_finite_loss(loss: Tensor, method: str, iteration: int) -> Tensor:
-    """Stop at the first non-finite loss with what to try; the one host sync of a step."""
-    if not bool(torch.isfinite(loss)):
-        raise FloatingPointError(
-            f"{method} loss is {loss.item()} at iteration {iteration}. Try: a lower learning rate "
-            "(or a longer warm-up); check the data for NaN/inf images; disable AMP "
-            "(config.MODEL.AMP_PARAMS.USE_AMP=false)."
-        )
+NON_FINITE_ADVICE = (
+    "Try: a lower learning rate (or a longer warm-up); check the data for NaN/inf images; disable AMP "
+    "(config.MODEL.AMP_PARAMS.USE_AMP=false)."
+)
+
+
+def check_finite_loss(loss: Tensor, method: str, iteration: int, check: bool = True) -> Tensor:
+    """Stop at the first non-finite loss with what to try (when `check`: it is a host sync)."""
+    if check and not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"{method} loss is {loss.item()} at iteration {iteration}. {NON_FINITE_ADVICE}")
     return loss

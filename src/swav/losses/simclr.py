@@ -135,7 +135,7 @@ class SimCLRLoss(Objective):
         return f"num_crops={self.num_crops}, temperature={self.temperature}, embedding_dim={self.embedding_dim}"
 
     def step(self, outputs: StepOutputs, iteration: int) -> Tensor:
-        return check_finite_loss(self(outputs.embeddings), "SimCLR", iteration)
+        return check_finite_loss(self(outputs.embeddings), "SimCLR", iteration, outputs.check_finite)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """Scalar loss of this process's anchors; ``embeddings`` ``[num_crops * B, D]`` crop-major."""

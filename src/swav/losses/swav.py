@@ -104,7 +104,7 @@ class SwAVLoss(Objective):
     def step(self, outputs: StepOutputs, iteration: int) -> Tensor:
         # The codes never carry gradient; the queue stores embeddings, not their graph.
         return self(outputs.scores, iteration=iteration, embeddings=outputs.embeddings.detach(),
-                    prototypes=outputs.prototypes)
+                    prototypes=outputs.prototypes, check_finite=outputs.check_finite)
 
     def collapse_level(self) -> float | None:
         # Uniform codes and predictions give ln K for a set of K prototypes; the loss averages
@@ -122,9 +122,11 @@ class SwAVLoss(Objective):
         iteration: int = 0,
         embeddings: Tensor | None = None,
         prototypes: Sequence[Tensor] | None = None,
+        check_finite: bool = True,
     ) -> Tensor:
         """Scalar float32 loss. ``embeddings`` ``[num_crops * B, D]`` (crop-major, like the scores)
-        and ``prototypes`` (one ``[K_j, D]`` matrix per score set) are needed only by the queue."""
+        and ``prototypes`` (one ``[K_j, D]`` matrix per score set) are needed only by the queue.
+        ``check_finite``: stop at a non-finite loss here, saving the scores and codes (a host sync)."""
         score_sets = [scores] if isinstance(scores, Tensor) else list(scores)
         batch = self._batch_size(score_sets)
         use_queue = self.queue_active(iteration)
@@ -141,8 +143,8 @@ class SwAVLoss(Objective):
             self._swapped_prediction(s, q, batch) for s, q in zip(score_sets, codes, strict=True)
         )
         loss = loss / len(score_sets)
-        # One host sync per step; the price of stopping at the first bad iteration.
-        if not bool(torch.isfinite(loss)):
+        # One host sync per step; the price of stopping at the first bad iteration with its inputs.
+        if check_finite and not bool(torch.isfinite(loss)):
             self._report_non_finite(loss, score_sets, codes, iteration)
         return loss
 
