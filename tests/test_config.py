@@ -415,7 +415,7 @@ def test_a_number_after_a_list_key_sets_one_entry():
     before, after = base["DATA"]["TRAIN"]["TRANSFORMS"], cfg["DATA"]["TRAIN"]["TRANSFORMS"]
     assert after[2] == {"name": "ImgPilColorDistortion", "strength": 1.0}
     assert isinstance(after[2]["strength"], float)
-    assert after[0]["crop_scales"] == [[0.3, 1.0]]
+    assert after[0]["crop_scales"] == [[0.3, 1.0], *before[0]["crop_scales"][1:]]
     assert after[1:2] + after[3:] == before[1:2] + before[3:]
     assert before[2]["strength"] == 0.5  # the composed base is not changed in place
 
