@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the CUDA path needs checked and measured on one GPU, in one go (under 8 minutes on an
 # H200): the CUDA tests, the training step of the paper's recipe in each precision and batch size,
-# an end-to-end run from JPEG files with 15 loader workers, and the quickstart on CUDA with kNN.
+# an end-to-end run from JPEG files with 15 loader workers (augmenting in them, then on the GPU),
+# and the quickstart on CUDA with kNN.
 # Writes its logs and results into the folder given as the first argument and prints a summary.
 #
 # It assumes a bare machine where python3 has torch and torchvision but not omegaconf: bring
@@ -56,6 +57,14 @@ step end_to_end 150 python3 -m swav train config=pretrain/swav/swav_8node_resnet
     config.CHECKPOINT.DIR=/tmp/gpu_check_run
 kill $DMON 2>/dev/null
 cp /tmp/gpu_check_run/metrics.jsonl "$OUT_DIR/end_to_end_metrics.jsonl" 2>/dev/null
+# (4b) The same with the augmentation on the GPU (DATA.TRAIN.GPU_AUGMENT): 100 iterations.
+step end_to_end_gpu_augment 100 python3 -m swav train config=pretrain/swav/swav_8node_resnet \
+    config.DISTRIBUTED.NUM_NODES=1 config.DISTRIBUTED.NUM_PROC_PER_NODE=1 config.MACHINE.DEVICE=cuda \
+    "config.DATA.TRAIN.DATA_PATHS=[$JPEGS]" config.DATA.TRAIN.DATA_SOURCES=[disk_folder] \
+    config.DATA.NUM_DATALOADER_WORKERS=15 config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64 config.DATA.TRAIN.GPU_AUGMENT=true \
+    config.OPTIMIZER.num_epochs=2 config.LOG_FREQUENCY=10 config.KNN_MONITOR.ENABLED=false \
+    config.CHECKPOINT.DIR=/tmp/gpu_check_run_gpu_augment
+cp /tmp/gpu_check_run_gpu_augment/metrics.jsonl "$OUT_DIR/end_to_end_gpu_augment_metrics.jsonl" 2>/dev/null
 
 # (5) The quickstart on CUDA, with its kNN score at the end.
 step quickstart 120 python3 -m swav train config=quickstart config.MACHINE.DEVICE=cuda \
@@ -69,11 +78,12 @@ python3 - "$OUT_DIR" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-rows = [json.loads(line) for line in (out / "end_to_end_metrics.jsonl").read_text().splitlines()] \
-    if (out / "end_to_end_metrics.jsonl").exists() else []
-speeds = [r["images_per_sec"] for r in rows if "images_per_sec" in r][2:]
-if speeds:
-    print(f"end to end from JPEG files: median {statistics.median(speeds):.0f} images/s over {len(speeds)} windows")
+for name, what in (("end_to_end", "augmenting in the loader"), ("end_to_end_gpu_augment", "augmenting on the GPU")):
+    path = out / f"{name}_metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    speeds = [r["images_per_sec"] for r in rows if "images_per_sec" in r][2:]
+    if speeds:
+        print(f"end to end from JPEG files, {what}: median {statistics.median(speeds):.0f} images/s over {len(speeds)} windows")
 util = [int(line.split()[1]) for line in (out / "dmon.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#") and line.split()[1].isdigit()] if (out / "dmon.txt").exists() else []
 if util:

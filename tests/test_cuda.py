@@ -102,3 +102,35 @@ def test_a_checkpoint_written_from_the_gpu_loads_on_the_cpu(tmp_path):
     state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
     assert state["scaler"] is not None and state["scaler"]["scale"] > 0
     assert state["optimizer"]["state"]  # momentum buffers, saved from the GPU
+
+
+def test_the_step_augments_on_the_gpu_as_on_the_cpu_without_waiting_for_the_gpu(tmp_path):
+    # DATA.TRAIN.GPU_AUGMENT: every choice is made on the host from the draws, so the ops queue
+    # on the GPU without a host sync (sync debug mode "error" raises at the first one).
+    from swav.build import build_train_transform
+    from swav.data import MultiCropDataset, build_dataset, collate_multicrop
+
+    cfg = load_config([*TINY, f"config.CHECKPOINT.DIR={tmp_path}", "config.DATA.TRAIN.TRANSFORMS=[{"
+                       '"name": "ImgPilToMultiCrop", "total_num_crops": 4, "num_crops": [2, 2], "size_crops": [32, 16], '
+                       '"crop_scales": [[0.2, 1], [0.05, 0.3]]}, {"name": "RandomHorizontalFlip", "p": 0.5}, '
+                       '{"name": "ImgPilColorDistortion", "strength": 1.0}, {"name": "ImgPilGaussianBlur", "p": 0.5}, '
+                       '{"name": "ToTensor"}, {"name": "Normalize", "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}]'])
+    transform = build_train_transform(cfg)
+    raw = MultiCropDataset(build_dataset(["synthetic"], ["train"], synthetic_num_images=64), transform, seed=0, augment=False)
+    batch = collate_multicrop(raw.__getitems__(list(range(64))))
+    on_cpu = transform.augment_batch(batch["crops"], batch["draws"])
+    crops = [c.pin_memory().cuda(non_blocking=True) for c in batch["crops"]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = transform.augment_batch(crops, batch["draws"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(on_gpu, on_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_with_gpu_augmentation_trains(tmp_path):
+    train(_config(tmp_path, "config.DATA.TRAIN.GPU_AUGMENT=true", "config.DATA.NUM_DATALOADER_WORKERS=1"))
+    state = checkpoint.load(tmp_path / checkpoint.FINAL_NAME)
+    assert not checkpoint.non_finite_tensors(state["model"])

@@ -400,6 +400,27 @@ def test_crops_are_a_pure_function_of_seed_epoch_index():
     assert not _same(shifted, first)
 
 
+def test_the_step_augments_a_collated_batch_exactly_as_the_loader_does():
+    # DATA.TRAIN.GPU_AUGMENT: the workers send uint8 crops and the draws; augment_batch (on the
+    # training device) must give the crops the loader would have given, replaced images included.
+    augmented = _multicrop(n=12)
+    raw = MultiCropDataset(augmented.base, augmented.transform, seed=0, augment=False)
+    want = collate_multicrop(augmented.__getitems__(list(range(12))))
+    sent = collate_multicrop(raw.__getitems__(list(range(12))))
+    assert all(c.dtype == torch.uint8 for c in sent["crops"])
+    transform = augmented.transform
+    assert sent["draws"].shape == (12, transform.total_num_crops, sum(op.num_random for op in transform.ops))
+    assert torch.equal(sent["replaced"], want["replaced"]) and int(want["replaced"].sum()) == 1
+    got = transform.augment_batch(sent["crops"], sent["draws"])
+    for a, b in zip(got, want["crops"], strict=True):
+        assert torch.equal(a, b)
+    # Some crops only (what a memory-bank pass asks for).
+    (one,) = transform.augment_batch([sent["crops"][3]], sent["draws"], which=[3])
+    assert torch.equal(one, want["crops"][3])
+    with pytest.raises(ValueError, match="2 crop batches for crops .3."):
+        transform.augment_batch(sent["crops"][:2], sent["draws"], which=[3])
+
+
 def test_a_batch_gets_the_crops_each_sample_gets_alone():
     # The loader augments whole batches; every op must give each image what the op gives that
     # image on its own (the per-image ops are the ones checked against PIL and colorsys below).

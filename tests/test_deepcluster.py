@@ -333,3 +333,10 @@ def test_two_processes_stopped_and_resumed_end_like_an_uninterrupted_run(tmp_pat
     for rank, (x, y) in enumerate(zip(a["loss_per_rank"], b["loss_per_rank"], strict=True)):
         for key, value in x.items():
             torch.testing.assert_close(y[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {key}")
+
+
+def test_the_memory_bank_pass_augments_in_the_step_as_the_loader_does(tmp_path):
+    # With GPU_AUGMENT the bank's first filling (a pass over the data) augments on the device too.
+    train(tiny(tmp_path / "loader"))
+    train(tiny(tmp_path / "step", "config.DATA.TRAIN.GPU_AUGMENT=true"))
+    assert losses(tmp_path / "step") == losses(tmp_path / "loader")

@@ -333,3 +333,14 @@ def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkp
         train(cfg)
     state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
     assert state["iteration"] == 4 and not checkpoint.non_finite_tensors(state["model"])
+
+
+def test_augmenting_in_the_step_trains_exactly_as_augmenting_in_the_loader(tmp_path):
+    # DATA.TRAIN.GPU_AUGMENT is meant for GPUs; on the CPU the same ops on the same numbers must
+    # give the same run, bit for bit (the loader's path is the one tested against PIL).
+    train(tiny(tmp_path / "loader"))
+    train(tiny(tmp_path / "step", "config.DATA.TRAIN.GPU_AUGMENT=true"))
+    assert losses(tmp_path / "step") == losses(tmp_path / "loader")
+    a = checkpoint.load(tmp_path / "loader" / checkpoint.FINAL_NAME)["model"]
+    b = checkpoint.load(tmp_path / "step" / checkpoint.FINAL_NAME)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -23,6 +23,7 @@ from swav import precision, syncbn
 from swav.config import ConfigError
 from swav.data import (
     MultiCropDataset,
+    MultiCropTransform,
     ResumableSampler,
     build_dataset,
     build_loader,
@@ -71,14 +72,18 @@ def build_dataset_from(cfg: DictConfig, sources, paths, limit: int = -1, key: st
         raise ConfigError(f"config.{key}.DATA_SOURCES / DATA_PATHS: {e}") from e
 
 
+def build_train_transform(cfg: DictConfig) -> MultiCropTransform:
+    try:
+        return build_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+    except ValueError as e:
+        raise ConfigError(f"config.DATA.TRAIN.TRANSFORMS: {e}") from e
+
+
 def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.device):
     data = cfg.DATA.TRAIN
     dataset = build_dataset_from(cfg, data.DATA_SOURCES, data.DATA_PATHS, data.DATA_LIMIT)
-    try:
-        transform = build_transforms(OmegaConf.to_container(data.TRANSFORMS))
-    except ValueError as e:
-        raise ConfigError(f"config.DATA.TRAIN.TRANSFORMS: {e}") from e
-    multicrop = MultiCropDataset(dataset, transform, seed=cfg.SEED_VALUE)
+    # With GPU_AUGMENT the workers only decode and cut; the step runs the ops (StepContext.augment).
+    multicrop = MultiCropDataset(dataset, build_train_transform(cfg), seed=cfg.SEED_VALUE, augment=not data.GPU_AUGMENT)
     sampler = ResumableSampler(
         len(multicrop), seed=cfg.SEED_VALUE, shuffle=True, rank=rank, world_size=world_size, drop_last=True
     )
@@ -264,6 +269,8 @@ class StepContext:
     # Read each step's loss to stop at the first non-finite one: free on a CPU; on a GPU the read
     # waits for the step's kernels, so there the training loop reads once per logging window.
     check_each_step: bool = True
+    # DATA.TRAIN.GPU_AUGMENT: MultiCropTransform.augment_batch, run on the device; None: the loader augments.
+    augment: Callable[..., list[torch.Tensor]] | None = None
 
 
 def place_model(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:
@@ -287,6 +294,7 @@ def build_step_context(cfg: DictConfig, model: nn.Module, device: torch.device) 
         channels_last=cfg.MODEL.CHANNELS_LAST,
         normalize_prototypes=normalizes_prototypes(cfg),
         check_each_step=device.type == "cpu",
+        augment=build_train_transform(cfg).augment_batch if cfg.DATA.TRAIN.GPU_AUGMENT else None,
     )
 
 

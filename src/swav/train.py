@@ -53,8 +53,9 @@ logger = logging.getLogger("swav")
 
 
 def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: float,
-               indices: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One iteration of the configured method on a batch (`indices`: the images' dataset indices);
+               indices: torch.Tensor | None = None, draws: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One iteration of the configured method on a batch (`indices`: the images' dataset indices;
+    `draws`: the augmentation's random numbers, when the step augments: DATA.TRAIN.GPU_AUGMENT);
     returns the detached loss tensor, or None when a float16 forward pass overflowed and the step
     was skipped. On a CPU the objective stops at a non-finite loss (reading it is free); on a GPU
     the loop's LossWatch does, once per logging window."""
@@ -65,8 +66,7 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
     if ctx.normalize_prototypes:
         core.normalize_prototypes()
 
-    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    crops = [c.to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
+    crops = _on_device(ctx, crops, draws)
     with ctx.autocast():
         embedding, scores = ctx.model(crops)
     # The objective runs in float32 outside autocast: SwAV's exp(scores / epsilon) overflows in
@@ -98,6 +98,17 @@ def train_step(ctx: StepContext, crops: list[torch.Tensor], iteration: int, lr: 
     else:
         ctx.optimizer.step()
     return loss.detach()
+
+
+def _on_device(ctx: StepContext, crops: list[torch.Tensor], draws: torch.Tensor | None,
+               which: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The batch's crops (crop indices `which`, all by default) on the device, in the model's
+    memory format; augmented there first when the loader sent them uncoloured (GPU_AUGMENT)."""
+    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    if ctx.augment is None:
+        return [c.to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
+    crops = ctx.augment([c.to(ctx.device, non_blocking=True) for c in crops], draws, which)
+    return [c.contiguous(memory_format=memory_format) for c in crops]
 
 
 # float16 with a gradient scaler: the scaler skips a step whose gradients overflowed; a forward
@@ -154,13 +165,12 @@ def embed_epoch(ctx: StepContext, loader, sampler, crops: Sequence[int]) -> tupl
     resume_at = sampler.start_index
     sampler.set_epoch(sampler.epoch, start_index=0)  # the whole epoch, even in a run resumed inside it
     steps = len(sampler) // loader.batch_size
-    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
     indices, embeddings = [], []
     try:
         for step, batch_data in enumerate(loader):
             if step >= steps:
                 break
-            chosen = [batch_data["crops"][c].to(ctx.device, non_blocking=True, memory_format=memory_format) for c in crops]
+            chosen = _on_device(ctx, [batch_data["crops"][c] for c in crops], batch_data.get("draws"), crops)
             with ctx.autocast():
                 embedding, _ = ctx.model(chosen)
             indices.append(batch_data["indices"])
@@ -501,7 +511,8 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
     )
     for step_in_epoch, batch_data in enumerate(run.loader, start=first):
         lr = float(run.lr_schedule[min(run.iteration, len(run.lr_schedule) - 1)])
-        loss = train_step(run.ctx, batch_data["crops"], run.iteration, lr, indices=batch_data["indices"])
+        loss = train_step(run.ctx, batch_data["crops"], run.iteration, lr, indices=batch_data["indices"],
+                          draws=batch_data.get("draws"))
         replaced += int(batch_data["replaced"].sum())
         if run.threads is not None and (note := run.threads.step_done()):
             logger.info(note)

@@ -41,14 +41,18 @@ class MultiCropDataset:
 
     ``base`` yields ``(image, label)``; it is wrapped in a RobustDataset unless it already is one.
     The epoch lives in shared memory so ``set_epoch`` reaches persistent DataLoader workers.
+    With ``augment=False`` the crops are only cut and resized (uint8) and a sample carries its
+    ops' random numbers as a fifth item, ``draws`` [num_crops, R]: the training process then
+    runs the ops on its device (``MultiCropTransform.augment_batch``) with the same numbers.
     """
 
-    def __init__(self, base, transform: MultiCropTransform, seed: int) -> None:
+    def __init__(self, base, transform: MultiCropTransform, seed: int, augment: bool = True) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.base = base if isinstance(base, RobustDataset) else RobustDataset(base)
         self.transform = transform
         self.seed = int(seed)
+        self.augment = bool(augment)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -74,6 +78,11 @@ class MultiCropDataset:
         32 px is several times cheaper than ~40 small tensor operations per crop. Each sample
         keeps its own random numbers, so its crops do not depend on the batch it is in."""
         loaded = [self._resample(int(index)) for index in indices]
+        if not self.augment:
+            return [
+                (crops, label, int(index), replaced, draws)
+                for ((crops, draws), label, replaced), index in zip(loaded, indices, strict=True)
+            ]
         crops = self.transform.augment([resampled for resampled, _, _ in loaded])
         return [
             (sample_crops, label, int(index), replaced)
@@ -87,7 +96,7 @@ class MultiCropDataset:
             # A fresh generator per attempt: a replacement image gets this index's crops too.
             generator = torch.Generator()
             generator.manual_seed(seed)
-            return self.transform.resample(img, generator)
+            return self.transform.resample(img, generator, as_uint8=not self.augment)
 
         # The transform decodes the file itself (at the scale its crops need), inside the
         # bad-file handling. A replaced file's path goes to log.txt only: the training loop
@@ -150,15 +159,18 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank
 
 
-def collate_multicrop(batch: Sequence[tuple[list[Tensor], int, int, bool]]) -> dict:
-    """Samples -> {"crops": [B,3,H,W] per crop, "labels", "indices", "replaced" (per sample, 0/1)}."""
-    crops, labels, indices, replaced = zip(*batch, strict=True)
+def collate_multicrop(batch: Sequence[tuple]) -> dict:
+    """Samples -> {"crops": [B,3,H,W] per crop, "labels", "indices", "replaced" (per sample, 0/1)},
+    and "draws" [B, num_crops, R] for samples not yet augmented (MultiCropDataset(augment=False))."""
+    crops, labels, indices, replaced, *draws = zip(*batch, strict=True)
+    extra = {"draws": torch.stack(draws[0])} if draws else {}
     return {
         # default_collate stacks straight into shared memory inside a worker (no extra copy).
         "crops": [default_collate([c[k] for c in crops]) for k in range(len(crops[0]))],
         "labels": torch.tensor(labels, dtype=torch.long),
         "indices": torch.tensor(indices, dtype=torch.long),
         "replaced": torch.tensor(replaced, dtype=torch.long),
+        **extra,
     }
 
 

@@ -14,6 +14,11 @@ kernel (as torchvision's RandomResizedCrop: crop, then resize; 3x faster than PI
 into a float tensor in [0, 1], and the colour, blur and normalisation steps run on that small
 tensor (the VISSL names ``ImgPil*`` stay for the config; the maths is PIL's, without rounding to
 8 bits between steps).
+
+The same ops run on the training device for ``DATA.TRAIN.GPU_AUGMENT`` (``augment_batch``): the
+loader then only decodes and cuts the crops (uint8, a quarter of the bytes to send), and every
+choice an op makes (which images flip, the colour factors, the blur widths) is still computed on
+the host from the sample's draws, so nothing waits for the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ _DRAFT_SCALES = (8, 4, 2)  # the JPEG decoder's DCT scalings
 # ITU-R 601-2 luma, as PIL's convert("L") and so torchvision's contrast, saturation and grayscale.
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # n in the HSV -> RGB formula, for R, G, B
+
+
+def _on(constant: Tensor, x: Tensor) -> Tensor:
+    """A module constant on ``x``'s device and dtype (itself on the CPU in float32), cached."""
+    key = (x.device, x.dtype)
+    cache = _ON_DEVICE.setdefault(id(constant), {})
+    if key not in cache:
+        cache[key] = constant.to(device=x.device, dtype=x.dtype)
+    return cache[key]
+
+
+_ON_DEVICE: dict[int, dict] = {}
 
 
 def _prob(name: str, key: str, p: float) -> float:
@@ -112,12 +129,19 @@ class RandomHorizontalFlip:
     def batch(self, x: Tensor, u: Tensor) -> Tensor:
         rows = _rows(u[:, 0] < self.p)
         if len(rows):
-            x[rows] = x[rows].flip(-1)
+            at = _at(rows, x)
+            x[at] = x[at].flip(-1)
         return x
 
 
 def _rows(mask: Tensor) -> Tensor:
+    """The rows where a mask of the host-side draws is set (on the host: no device sync)."""
     return mask.nonzero().squeeze(1)
+
+
+def _at(rows: Tensor, x: Tensor) -> Tensor:
+    """Host rows as an index into ``x`` (copied to its device; a few bytes, no sync)."""
+    return rows if rows.device == x.device else rows.to(x.device, non_blocking=True)
 
 
 def _per_image(factor: float | Tensor, x: Tensor, image_dims: int = 3) -> float | Tensor:
@@ -125,7 +149,7 @@ def _per_image(factor: float | Tensor, x: Tensor, image_dims: int = 3) -> float 
     (``image_dims`` 3) or [N, H, W] (2), in ``x``'s dtype."""
     if not isinstance(factor, Tensor):
         return factor
-    return factor.to(x.dtype).view(-1, *([1] * image_dims))
+    return factor.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, *([1] * image_dims))
 
 
 # The colour functions take one image [3, H, W] with a float factor, or a batch [N, 3, H, W] with
@@ -136,7 +160,7 @@ def _per_image(factor: float | Tensor, x: Tensor, image_dims: int = 3) -> float 
 def _luma(x: Tensor) -> Tensor:
     """[..., 3, H, W] -> [..., H, W] grey levels."""
     flat = x.reshape(*x.shape[:-3], 3, -1)
-    return torch.matmul(_LUMA, flat).view(*x.shape[:-3], *x.shape[-2:])  # tensordot costs more in Python
+    return torch.matmul(_on(_LUMA, x), flat).view(*x.shape[:-3], *x.shape[-2:])  # tensordot costs more in Python
 
 
 def adjust_brightness(x: Tensor, factor: float | Tensor) -> Tensor:
@@ -146,7 +170,7 @@ def adjust_brightness(x: Tensor, factor: float | Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: float | Tensor) -> Tensor:
     """Blend with the image's mean grey level (in place)."""
-    mean = (x.mean(dim=(-2, -1)) @ _LUMA)[..., None, None, None]  # one per image
+    mean = (x.mean(dim=(-2, -1)) @ _on(_LUMA, x))[..., None, None, None]  # one per image
     f = _per_image(factor, x)
     return x.mul_(f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
 
@@ -176,7 +200,7 @@ def adjust_hue(x: Tensor, shift: float | Tensor) -> Tensor:
     hue.addcmul_(is_r, (g - b).sub_(hue))
     hue.div_(chroma.clamp_min(1e-12))  # grey pixels: the numerator is 0
     hue.add_(6.0 * _per_image(shift, x, 2) + 12.0)  # > 0, so the floor below is the modulo
-    k = hue.unsqueeze(-3) + _HUE_OFFSETS
+    k = hue.unsqueeze(-3) + _on(_HUE_OFFSETS, x)
     k.sub_(torch.floor(k * (1.0 / 6.0)), alpha=6.0)
     k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
     return k.mul_(chroma.neg_().unsqueeze(-3)).add_(big.unsqueeze(-3))
@@ -265,10 +289,12 @@ class ImgPilColorDistortion:
                 for k, (fn, lo, hi) in enumerate(self._ops):
                     rows = _rows(jitter & (order[:, slot] == k))
                     if len(rows):
-                        x[rows] = fn(x[rows], lo + (hi - lo) * u[rows, 5 + k])
+                        at = _at(rows, x)
+                        x[at] = fn(x[at], lo + (hi - lo) * u[rows, 5 + k])
         rows = _rows(u[:, 9] < 0.2)
         if len(rows):
-            x[rows] = to_grayscale(x[rows])
+            at = _at(rows, x)
+            x[at] = to_grayscale(x[at])
         return x
 
 
@@ -331,7 +357,7 @@ class Normalize:
 
     def __call__(self, x: Tensor, u: Sequence[float]) -> Tensor:
         # In place: the tensor comes fresh from ToTensor.
-        return x.sub_(self._mean).mul_(self._inv_std)
+        return x.sub_(_on(self._mean, x)).mul_(_on(self._inv_std, x))
 
     def batch(self, x: Tensor, u: Tensor) -> Tensor:
         return self(x, [])
@@ -397,17 +423,33 @@ class MultiCropTransform:
         for c in range(self.total_num_crops):
             x = torch.stack([crops[c] for crops, _ in samples])
             u = torch.stack([draws[c] for _, draws in samples])
-            pos = 0
-            for op in self.ops:
-                x = op.batch(x, u[:, pos : pos + op.num_random])
-                pos += op.num_random
-            for crops, crop in zip(out, x.unbind(0), strict=True):
+            for crops, crop in zip(out, self._ops_on(x, u).unbind(0), strict=True):
                 crops.append(crop)
         return out
 
-    def resample(self, img: Image.Image, generator: torch.Generator) -> tuple[list[Tensor], Tensor]:
-        """The crops cut and resized (float [3, size, size] in [0, 1], no op applied yet) and the
-        ops' random numbers, one row per crop; ``augment`` finishes them."""
+    def augment_batch(self, crops: Sequence[Tensor], draws: Tensor, which: Sequence[int] | None = None) -> list[Tensor]:
+        """``augment`` on a collated batch, on whatever device its crops are: ``crops[j]`` is crop
+        ``which[j]`` (all crops in order by default) of N images, [N, 3, H, W] uint8 or float;
+        ``draws`` [N, total_num_crops, R] the samples' ops' random numbers, on the host."""
+        which = range(self.total_num_crops) if which is None else which
+        if len(crops) != len(which) or draws.shape[1] != self.total_num_crops:
+            raise ValueError(f"{len(crops)} crop batches for crops {list(which)}, draws for {draws.shape[1]} crops")
+        return [self._ops_on(x, draws[:, c]) for x, c in zip(crops, which, strict=True)]
+
+    def _ops_on(self, x: Tensor, u: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:  # as resample() converts: the same float values
+            x = x.to(torch.float32).mul_(1.0 / 255.0)
+        pos = 0
+        for op in self.ops:
+            x = op.batch(x, u[:, pos : pos + op.num_random])
+            pos += op.num_random
+        return x
+
+    def resample(self, img: Image.Image, generator: torch.Generator,
+                 as_uint8: bool = False) -> tuple[list[Tensor], Tensor]:
+        """The crops cut and resized (float [3, size, size] in [0, 1], or the uint8 pixels they
+        are made from, no op applied yet) and the ops' random numbers, one row per crop;
+        ``augment`` finishes them."""
         # One draw for the whole sample; row c is crop c's randomness. float64 so that integer
         # positions from u * range are unbiased for any image size.
         random = torch.rand(
@@ -433,7 +475,10 @@ class MultiCropTransform:
                 antialias=True,
                 align_corners=False,
             )[0]
-            crops.append(x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0))
+            if as_uint8:
+                crops.append(x.contiguous())
+            else:
+                crops.append(x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0))
         return crops, random[:, 4 * _CROP_ATTEMPTS :]
 
     def __repr__(self) -> str:
