@@ -340,3 +340,21 @@ def test_the_memory_bank_pass_augments_in_the_step_as_the_loader_does(tmp_path):
     train(tiny(tmp_path / "loader"))
     train(tiny(tmp_path / "step", "config.DATA.TRAIN.GPU_AUGMENT=true"))
     assert losses(tmp_path / "step") == losses(tmp_path / "loader")
+
+
+def test_a_run_of_two_processes_resumes_in_one_with_its_bank_filled_again(tmp_path):
+    # Each rank's bank holds that rank's images, which another number of processes cannot re-deal:
+    # the resumed run fills its own bank with a pass, clusters it, and every image has a label.
+    run = tmp_path / "run"
+    args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=64", f"config.CHECKPOINT.DIR={run}"]
+    train_two_processes([*args, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"], stop_after=6)
+    stopped = checkpoint.load(run / checkpoint.CHECKPOINT_NAME)
+    assert (stopped["world_size"], stopped["iteration"], stopped["epoch"]) == (2, 6, 1)
+    result = train(load_config([*args, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]))
+    assert result["iteration"] == 16  # epoch 1 goes on after the 2 x 16 images already seen
+    log = (run / "log.txt").read_text()
+    assert "written by 2 processes and this run has 1" in log
+    assert log.count("memory bank filled") == 2  # the first run (rank 0 logs) and the resumed one
+    state = checkpoint.load(run / checkpoint.CHECKPOINT_NAME)
+    assert state["world_size"] == 1 and sorted(state["loss"]["bank_indices"].tolist()) == list(range(64))
+    assert all(v == v and abs(v) < 1e6 for v in losses(run))

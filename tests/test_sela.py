@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from test_deepcluster import FakeModel, batch_embeddings
 from test_kmeans import _join_gloo, run_two_processes, sphere
-from test_promises import TINY_TRUNK
+from test_promises import TINY_TRUNK, train_two_processes
 
 import swav.losses.sela_v2 as sela_module
 from swav import checkpoint
@@ -232,3 +232,19 @@ def test_sinkhorn_labels_refuse_ranks_with_unequal_banks(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == (
             "the ranks hold [5, 3] bank rows: Sinkhorn over all of them needs as many on each")
+
+
+def test_a_run_of_one_process_resumes_in_two_with_their_banks_filled_again(tmp_path):
+    # The other way round: each of the two ranks fills a bank of its own images, and the
+    # Sinkhorn labels span both (every image of the dataset gets one).
+    run = tmp_path / "run"
+    args = [*TINY, "config.DATA.SYNTHETIC.NUM_IMAGES_TRAIN=64", f"config.CHECKPOINT.DIR={run}"]
+    assert train(load_config([*args, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]), stop_after_iters=10)["stopped"]
+    train_two_processes([*args, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"])
+    log = (run / "log.txt").read_text()
+    assert "written by 1 processes and this run has 2" in log
+    state = checkpoint.load(run / checkpoint.CHECKPOINT_NAME)
+    assert state["world_size"] == 2 and state["iteration"] == 8  # epoch 1 went on at image 16 (8 per rank)
+    banks = [rank_state["bank_indices"] for rank_state in state["loss_per_rank"]]
+    assert sorted(torch.cat(banks).tolist()) == list(range(64))
+    assert all(v == v and abs(v) < 1e6 for v in losses(run))
