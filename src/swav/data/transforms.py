@@ -43,7 +43,8 @@ _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # n in the HSV -> RG
 
 
 def _on(constant: Tensor, x: Tensor) -> Tensor:
-    """A module constant on ``x``'s device and dtype (itself on the CPU in float32), cached."""
+    """A module constant (never freed, so its id stays its own) on ``x``'s device and dtype
+    (itself on the CPU in float32), cached."""
     key = (x.device, x.dtype)
     cache = _ON_DEVICE.setdefault(id(constant), {})
     if key not in cache:
@@ -357,7 +358,10 @@ class Normalize:
 
     def __call__(self, x: Tensor, u: Sequence[float]) -> Tensor:
         # In place: the tensor comes fresh from ToTensor.
-        return x.sub_(_on(self._mean, x)).mul_(_on(self._inv_std, x))
+        # On the CPU in float32 .to() returns the tensors themselves; on a GPU it copies 24 bytes.
+        mean = self._mean.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        inv_std = self._inv_std.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        return x.sub_(mean).mul_(inv_std)
 
     def batch(self, x: Tensor, u: Tensor) -> Tensor:
         return self(x, [])
