@@ -10,6 +10,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl omegaconf==2.3.0
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # published as a source archive only
+#   pip download --no-deps -d .whl lightly==1.6.0                 # the peer loop (pure Python)
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 set -uo pipefail
@@ -18,7 +19,7 @@ OUT_DIR=${1:?usage: gpu_check.sh OUTPUT_FOLDER}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 
-if ! python3 -c "import omegaconf" 2>/dev/null; then
+if ! python3 -c "import omegaconf, lightly.loss" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
@@ -40,8 +41,9 @@ step() {  # name, time limit in seconds, command...
 step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests
 
 # (2) + (3) The bf16 matrix peak, and the paper's training step per precision and batch size.
+PEER=$(python3 -c "import lightly.loss" 2>/dev/null && echo --peer)
 step gpu_step 180 python3 benchmarks/gpu_step.py --batches 64,128,256 --precisions bfloat16,float16,float32 \
-    --out "$OUT_DIR/gpu_step.json"
+    $PEER --out "$OUT_DIR/gpu_step.json"
 
 # (4) End to end from JPEG files: 3,200 images, 15 loader workers, 200 iterations of batch 64, with
 # the GPU's utilisation sampled every second beside it.

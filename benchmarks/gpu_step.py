@@ -8,6 +8,11 @@ times; the median is reported. The share of the peak divides the step's floating
 product of 8192^3 timed the same way. A batch that does not fit is reported as such.
 
     python benchmarks/gpu_step.py --batches 64,128,256 --precisions bfloat16,float16,float32 --out results.json
+
+`--peer` adds the peer loop of benchmarks/train_throughput.py (lightly's SwaV head, prototypes and
+loss around the same trunk, each crop forwarded on its own, Adam) on the same GPU at its best
+settings (channels-last, bfloat16 autocast), at the same batch sizes; it needs lightly importable
+(its wheel installed with --no-deps: lightly 1.6 imports with torch, torchvision, numpy and tqdm).
 """
 
 from __future__ import annotations
@@ -89,6 +94,25 @@ def measure(precision: str, batch: int, steps: int, rounds: int, extra: list[str
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def measure_peer(batch: int, steps: int, rounds: int) -> dict:
+    from train_throughput import build_peer  # this folder is on sys.path when run as a script
+
+    overrides = ["config=pretrain/swav/swav_8node_resnet", "config.DISTRIBUTED.NUM_NODES=1",
+                 "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={batch}"]
+    torch.backends.cudnn.benchmark = True
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step, _ = build_peer(overrides, best=True, device=torch.device("cuda"))
+        for _ in range(5):
+            step()
+        ms = statistics.median(timed_ms(step, steps) for _ in range(rounds))
+    except torch.cuda.OutOfMemoryError:
+        return {"precision": "peer bfloat16", "batch": batch, "fits": False}
+    # The peer's step reads its loss back (float(loss)) each iteration, as its examples do.
+    return {"precision": "peer bfloat16", "batch": batch, "fits": True, "ms_per_step": ms,
+            "images_per_sec": batch / (ms / 1000), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="64,128,256")
@@ -96,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--peer", action="store_true", help="also the lightly peer loop (bfloat16, channels-last)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -111,11 +136,17 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+    for batch in (int(b) for b in args.batches.split(",")) if args.peer else ():
+        row = measure_peer(batch, args.steps, args.rounds)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
     print("\n| precision | batch | images/s | ms/step | peak GiB | share of bf16 peak |\n|---|---|---|---|---|---|")
     for r in rows:
         if r["fits"]:
+            share = f"{100 * r['share_of_bf16_peak']:.1f} %" if "share_of_bf16_peak" in r else ""
             print(f"| {r['precision']} | {r['batch']} | {r['images_per_sec']:.0f} | {r['ms_per_step']:.1f} | "
-                  f"{r['peak_memory_gib']:.1f} | {100 * r['share_of_bf16_peak']:.1f} % |")
+                  f"{r['peak_memory_gib']:.1f} | {share} |")
         else:
             print(f"| {r['precision']} | {r['batch']} | does not fit | | | |")
     if args.out:

@@ -227,7 +227,9 @@ def build_ours_processes(overrides: list[str], levers: tuple[str, ...]):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_peer(overrides: list[str], best: bool):
+def build_peer(overrides: list[str], best: bool, device: torch.device | None = None):
+    """The peer's step; on `device` (the CPU by default: benchmarks/gpu_step.py passes a GPU, where
+    "best" is channels-last and bfloat16 autocast)."""
     from lightly.loss import SwaVLoss
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
@@ -252,17 +254,18 @@ def build_peer(overrides: list[str], best: bool):
             x = nn.functional.normalize(self.projection_head(x), dim=1, p=2)
             return self.prototypes(x)
 
+    device = device or torch.device("cpu")
     model = PeerSwaV()
     batch = global_batch(cfg)
     memory_format = torch.channels_last if best else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)
     criterion = SwaVLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    crops = [c.to(memory_format=memory_format) for c in random_crops(cfg, batch)]
+    crops = [c.to(device, memory_format=memory_format) for c in random_crops(cfg, batch)]
     spec = cfg.DATA.TRAIN.TRANSFORMS[0]
     n_high = int(spec.num_crops[0])
-    bf16 = best and precision.cpu_has_native_bfloat16()
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    bf16 = best and (device.type == "cuda" or precision.cpu_has_native_bfloat16())
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step() -> float:
         model.prototypes.normalize()
