@@ -419,6 +419,18 @@ def test_the_step_augments_a_collated_batch_exactly_as_the_loader_does():
     assert torch.equal(one, want["crops"][3])
     with pytest.raises(ValueError, match="2 crop batches for crops .3."):
         transform.augment_batch(sent["crops"][:2], sent["draws"], which=[3])
+    with pytest.raises(ValueError, match="needs the batch's draws"):
+        transform.augment_batch(sent["crops"], None)
+
+
+def test_the_batched_blur_of_the_gpu_path_is_the_one_image_blur():
+    from swav.data.transforms import gaussian_blur, gaussian_blur_batch
+
+    x = torch.rand(5, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    sigmas = [0.1, 2.0, 0.0, 0.7, 1.3]  # kernels of different widths in one batch, and none
+    together = gaussian_blur_batch(x.clone(), sigmas)
+    for image, sigma, got in zip(x, sigmas, together, strict=True):
+        torch.testing.assert_close(got, gaussian_blur(image.clone(), sigma), rtol=0, atol=1e-6)
 
 
 def test_a_batch_gets_the_crops_each_sample_gets_alone():

@@ -248,3 +248,10 @@ def test_a_run_of_one_process_resumes_in_two_with_their_banks_filled_again(tmp_p
     banks = [rank_state["bank_indices"] for rank_state in state["loss_per_rank"]]
     assert sorted(torch.cat(banks).tolist()) == list(range(64))
     assert all(v == v and abs(v) < 1e6 for v in losses(run))
+
+
+def test_the_memory_bank_pass_augments_in_the_step_as_the_loader_does(tmp_path):
+    # With GPU_AUGMENT the bank's first filling (a pass over the data) augments on the device too.
+    train(tiny(tmp_path / "loader"))
+    train(tiny(tmp_path / "step", "config.DATA.TRAIN.GPU_AUGMENT=true"))
+    assert losses(tmp_path / "step") == losses(tmp_path / "loader")

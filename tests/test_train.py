@@ -326,10 +326,11 @@ def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkp
         return real_step(ctx, crops, iteration, lr, **kwargs)
 
     monkeypatch.setattr(training, "train_step", step_as_on_a_gpu)
-    # Saves after iterations 4 and 8, log lines every 10: the save at 8 is where the watch reads.
-    cfg = tiny(tmp_path, "config.LOG_FREQUENCY=10", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4",
+    # 4 iterations an epoch, log lines at epoch ends (4, 8), saves there and every 3 iterations:
+    # the save after iteration 6 is the first read after the bad step (iteration 5).
+    cfg = tiny(tmp_path, "config.LOG_FREQUENCY=10", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
                "config.OPTIMIZER.num_epochs=3")
-    with pytest.raises(FloatingPointError, match="not finite at iteration 5 .read at iteration 8"):
+    with pytest.raises(FloatingPointError, match="not finite at iteration 5 .read at iteration 6"):
         train(cfg)
     state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
     assert state["iteration"] == 4 and not checkpoint.non_finite_tensors(state["model"])
@@ -338,8 +339,14 @@ def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkp
 def test_augmenting_in_the_step_trains_exactly_as_augmenting_in_the_loader(tmp_path):
     # DATA.TRAIN.GPU_AUGMENT is meant for GPUs; on the CPU the same ops on the same numbers must
     # give the same run, bit for bit (the loader's path is the one tested against PIL).
-    train(tiny(tmp_path / "loader"))
-    train(tiny(tmp_path / "step", "config.DATA.TRAIN.GPU_AUGMENT=true"))
+    # Every op (blur and normalisation too), and the uint8 crops and draws through a worker process.
+    ops = ['config.DATA.TRAIN.TRANSFORMS=[{"name": "ImgPilToMultiCrop", "total_num_crops": 4, "num_crops": [2, 2], '
+           '"size_crops": [16, 8], "crop_scales": [[0.3, 1], [0.1, 0.3]]}, {"name": "RandomHorizontalFlip", "p": 0.5}, '
+           '{"name": "ImgPilColorDistortion", "strength": 1.0}, {"name": "ImgPilGaussianBlur", "p": 0.5}, '
+           '{"name": "ToTensor"}, {"name": "Normalize", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}]',
+           "config.DATA.NUM_DATALOADER_WORKERS=1"]
+    train(tiny(tmp_path / "loader", *ops))
+    train(tiny(tmp_path / "step", *ops, "config.DATA.TRAIN.GPU_AUGMENT=true"))
     assert losses(tmp_path / "step") == losses(tmp_path / "loader")
     a = checkpoint.load(tmp_path / "loader" / checkpoint.FINAL_NAME)["model"]
     b = checkpoint.load(tmp_path / "step" / checkpoint.FINAL_NAME)["model"]

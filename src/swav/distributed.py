@@ -236,6 +236,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def min_over_ranks(x: Tensor) -> Tensor:
+    """The smallest value of a tensor over processes, elementwise (a copy)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
 def mean_over_ranks(x: Tensor) -> Tensor:
     """The mean of a tensor over processes (a copy; the input is left alone)."""
     if not is_distributed():

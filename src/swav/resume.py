@@ -36,6 +36,7 @@ SAFE_PREFIXES = (
     "MODEL.WEIGHTS_INIT.",
     "MODEL.AMP_PARAMS.",
     "MODEL.CHANNELS_LAST",
+    "DATA.TRAIN.GPU_AUGMENT",  # the same ops on the same random numbers, in the loader or on the device
     "LOSS.swav_loss.output_dir",
 )
 # Computed from other keys: a change shows up in the key it comes from.

@@ -129,18 +129,21 @@ def _overflowed(outputs: StepOutputs, device: torch.device) -> bool:
 class LossWatch:
     """The first iteration whose loss was not finite, kept on the loss's device: recording it
     needs no host sync, and `check()` reads it once (per logging window, and before a checkpoint,
-    so that no checkpoint is written after a bad step)."""
+    so that no checkpoint is written after a bad step), the earliest over all processes, so that
+    every process stops there together (a loss can be non-finite on one process only)."""
+
+    NONE = 2**62  # no bad iteration yet
 
     def __init__(self, device: torch.device) -> None:
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), self.NONE, dtype=torch.long, device=device)
 
     def record(self, loss: torch.Tensor, iteration: int) -> None:
-        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        bad = ~torch.isfinite(loss) & (self.first_bad == self.NONE)
         self.first_bad = torch.where(bad, iteration, self.first_bad)
 
     def check(self, iteration: int) -> None:
-        first = int(self.first_bad)
-        if first >= 0:
+        first = int(distributed.min_over_ranks(self.first_bad))
+        if first != self.NONE:
             raise FloatingPointError(
                 f"the loss is not finite at iteration {first} (read at iteration {iteration}: on a GPU the "
                 "loss is read once per logging window, config.LOG_FREQUENCY; no checkpoint was written "

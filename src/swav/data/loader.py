@@ -163,7 +163,7 @@ def collate_multicrop(batch: Sequence[tuple]) -> dict:
     """Samples -> {"crops": [B,3,H,W] per crop, "labels", "indices", "replaced" (per sample, 0/1)},
     and "draws" [B, num_crops, R] for samples not yet augmented (MultiCropDataset(augment=False))."""
     crops, labels, indices, replaced, *draws = zip(*batch, strict=True)
-    extra = {"draws": torch.stack(draws[0])} if draws else {}
+    extra = {"draws": default_collate(list(draws[0]))} if draws else {}
     return {
         # default_collate stacks straight into shared memory inside a worker (no extra copy).
         "crops": [default_collate([c[k] for c in crops]) for k in range(len(crops[0]))],

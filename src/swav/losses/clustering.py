@@ -183,10 +183,12 @@ class PseudoLabelObjective(Objective):
 
     def targets(self, indices: Tensor) -> Tensor:
         """``[H, B]`` pseudo-labels of the images ``indices``; -1 for an image without one."""
-        targets = torch.full((len(self.num_clusters), indices.numel()), -1, dtype=torch.long, device=indices.device)
-        known = indices < self.table.shape[1]
-        targets[:, known] = self.table[:, indices[known]].to(indices.device)
-        return targets
+        size = self.table.shape[1]
+        if size == 0:
+            return torch.full((len(self.num_clusters), indices.numel()), -1, dtype=torch.long, device=indices.device)
+        # torch.where, not a boolean index: on a GPU that would wait for the device (nonzero) every step.
+        looked_up = self.table[:, indices.clamp(max=size - 1)].to(indices.device)
+        return torch.where(indices < size, looked_up, -1)
 
     def classification_loss(self, scores: list[Tensor], indices: Tensor) -> Tensor:
         """Mean over heads of the mean cross-entropy over the crops of labelled images."""
