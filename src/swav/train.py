@@ -523,7 +523,8 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
             _note_overflow(run)
         else:
             run.overflows_in_a_row = 0
-            run.loss_watch.record(loss, run.iteration)
+            if not run.ctx.check_each_step:  # a CPU objective already stopped at a bad step
+                run.loss_watch.record(loss, run.iteration)
             window_loss += loss
             window_steps += 1
         window_iters += 1
@@ -532,7 +533,8 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         bar.update(1)
         if run.iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == run.iters_per_epoch:
             # One host sync per logging window, not per iteration; the loss is the mean over ranks.
-            run.loss_watch.check(run.iteration)
+            if not run.ctx.check_each_step:
+                run.loss_watch.check(run.iteration)
             elapsed = time.perf_counter() - window_start
             mean_loss = distributed.mean_over_ranks(window_loss).item() / window_steps if window_steps else float("nan")
             speed = window_iters * run.global_batch / max(elapsed, 1e-9)
@@ -595,7 +597,8 @@ def _end_epoch(run: _Run, epoch: int, replaced: int) -> None:
 
 def _save(run: _Run, path_name: str, epoch: int, position: int) -> None:
     """Checkpoint the training state at `run.iteration`, to go on at image `position` of `epoch`."""
-    run.loss_watch.check(run.iteration)
+    if not run.ctx.check_each_step:
+        run.loss_watch.check(run.iteration)
     # Every rank takes part: each one's queue goes into the checkpoint (rank 0 writes it).
     run.saved_at = run.iteration
     objective_states = distributed.gather_objects({k: v.cpu() for k, v in run.ctx.objective.state_dict().items()})
