@@ -16,6 +16,10 @@ Sides:
   strength, blur and normalisation are read from ours' resolved config (OUT/ours/train_config.yaml).
 - ``peer-best``: the same with channels-last (model and inputs), and bfloat16 autocast where the
   CPU has native bfloat16 (the rule ours follows, ``swav.precision``).
+- ``peer-tuned``: peer-best with ours' settings, so that the gap left is the implementation's, not
+  the settings': SwaVLoss with ours' temperature, Sinkhorn iterations and epsilon (lightly's 0.05
+  default stalls at ln K on small data), SGD with ours' momentum, weight decay and per-iteration
+  LR schedule (warm-up and cosine), and the crops of one resolution forwarded as one batch.
 After every peer epoch the clock pauses and the trunk is scored with exactly our kNN protocol
 (``swav.eval.knn.evaluate_knn`` on ``swav.train.build_knn_data``'s datasets, ours' K, T and image
 size, float32). Records go to OUT/peer-<side>.json as they are made; everything to OUT/results.json.
@@ -24,9 +28,11 @@ Time to accuracy: for each peer side its best kNN top-1, and the first training 
 ours reached at least that (ours is only scored at epoch ends, so its time is an upper bound).
 
     /work/benchenv/bin/python benchmarks/time_to_accuracy.py --data /work/data/cifar10 --epochs 6 \\
-        --out /work/runs/tta                                        # ours, peer-default, peer-best
+        --out /work/runs/tta                                        # every side, in SIDES order
     /work/benchenv/bin/python benchmarks/time_to_accuracy.py --data /work/data/cifar10 --epochs 6 \\
         --out /work/runs/tta --sides ours,peer-best config.DATA.NUM_DATALOADER_WORKERS=1
+    /work/benchenv/bin/python benchmarks/time_to_accuracy.py --data /work/data/cifar10 --epochs 2 \\
+        --out /work/runs/tta --sides ours,peer-tuned                # the peer with ours' settings
     /work/benchenv/bin/python benchmarks/time_to_accuracy.py --out /work/runs/tta --report-only
 
 An existing side's output (OUT/ours, OUT/ours.log, OUT/peer-<side>.json) makes the run refuse;
@@ -51,7 +57,7 @@ import torch
 from torch import nn
 
 CONFIG = "config=pretrain/swav/swav_cifar10_resnet18"
-SIDES = ("ours", "peer-default", "peer-best")
+SIDES = ("ours", "peer-default", "peer-best", "peer-tuned")
 
 
 def ours_argv(data: Path, out: Path, epochs: int, overrides: list[str]) -> list[str]:
@@ -194,11 +200,12 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     from torchvision.datasets import ImageFolder
 
     from swav import precision
-    from swav.build import build_knn_data, build_model
+    from swav.build import build_knn_data, build_lr_schedule, build_model
     from swav.eval.knn import evaluate_knn
 
     t_wall = time.perf_counter()
-    best = side == "peer-best"
+    tuned = side == "peer-tuned"
+    best = side in ("peer-best", "peer-tuned")
     head = cfg.MODEL.HEAD.PARAMS[0][1]
     in_dim, hidden, out_dim = (int(d) for d in head["dims"])
     n_prototypes = int(head["num_clusters"][0])
@@ -224,8 +231,19 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
 
     memory_format = torch.channels_last if best else torch.contiguous_format
     model = PeerSwaV().to(memory_format=memory_format)
-    criterion = SwaVLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if tuned:
+        o, swav = cfg.OPTIMIZER, cfg.LOSS.swav_loss
+        if o.use_larc:
+            sys.exit("peer-tuned: ours uses LARC here, which lightly does not have (its LARS does not clip); "
+                     "compare with config.OPTIMIZER.use_larc=false")
+        criterion = SwaVLoss(temperature=swav.temperature, sinkhorn_iterations=swav.num_iters,
+                             sinkhorn_epsilon=swav.epsilon)
+        # Every parameter decayed, as ours does; the LR is set every iteration from ours' schedule.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                                    weight_decay=o.weight_decay)
+    else:
+        criterion = SwaVLoss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     bf16 = best and precision.cpu_has_native_bfloat16()
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     dataset = ImageFolder(str(data / "train"), transform=peer_transform(cfg))
@@ -233,10 +251,11 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     if len(loader) == 0:
         sys.exit(f"{side}: {len(dataset)} images make no batch of {batch}")
     knn_data = build_knn_data(cfg)
+    lr_schedule = build_lr_schedule(cfg, len(loader), epochs) if tuned else None
 
     record = {
         "side": side, "global_batch": batch, "iters_per_epoch": len(loader), "workers": workers,
-        "threads": torch.get_num_threads(), "bfloat16": bf16, "channels_last": best,
+        "threads": torch.get_num_threads(), "bfloat16": bf16, "channels_last": best, "tuned": tuned,
         "prototypes": n_prototypes, "frozen_prototype_iterations": n_frozen, "history": [],
     }
     print(f"# {side}: {len(dataset)} images, global batch {batch}, {len(loader)} iterations per epoch, "
@@ -250,9 +269,16 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
         for views, _ in loader:
             model.prototypes.normalize()
             views = [v.to(memory_format=memory_format) for v in views]
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[step])
             with autocast():
-                high = [model(v, step) for v in views[:n_high]]
-                low = [model(v, step) for v in views[n_high:]]
+                if tuned:  # one forward pass per resolution, as ours batches its crops
+                    high = list(model(torch.cat(views[:n_high]), step).chunk(n_high))
+                    low = list(model(torch.cat(views[n_high:]), step).chunk(len(views) - n_high)) if len(views) > n_high else []
+                else:
+                    high = [model(v, step) for v in views[:n_high]]
+                    low = [model(v, step) for v in views[n_high:]]
             # Scores back to float32 for the loss: lightly's Sinkhorn would otherwise exponentiate
             # bfloat16 scores (its best use, as ours keeps the codes in float32).
             loss = criterion([h.float() for h in high], [lo.float() for lo in low])
