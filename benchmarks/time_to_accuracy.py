@@ -253,6 +253,12 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
     knn_data = build_knn_data(cfg)
     lr_schedule = build_lr_schedule(cfg, len(loader), epochs) if tuned else None
 
+    def forward(group: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The scores of each crop of one resolution; peer-tuned forwards them as one batch, as ours does."""
+        if tuned and group:
+            return list(model(torch.cat(group), step).chunk(len(group)))
+        return [model(v, step) for v in group]
+
     record = {
         "side": side, "global_batch": batch, "iters_per_epoch": len(loader), "workers": workers,
         "threads": torch.get_num_threads(), "bfloat16": bf16, "channels_last": best, "tuned": tuned,
@@ -273,12 +279,7 @@ def run_peer(side: str, cfg, data: Path, out: Path, epochs: int, workers: int) -
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr_schedule[step])
             with autocast():
-                if tuned:  # one forward pass per resolution, as ours batches its crops
-                    high = list(model(torch.cat(views[:n_high]), step).chunk(n_high))
-                    low = list(model(torch.cat(views[n_high:]), step).chunk(len(views) - n_high)) if len(views) > n_high else []
-                else:
-                    high = [model(v, step) for v in views[:n_high]]
-                    low = [model(v, step) for v in views[n_high:]]
+                high, low = forward(views[:n_high], step), forward(views[n_high:], step)
             # Scores back to float32 for the loss: lightly's Sinkhorn would otherwise exponentiate
             # bfloat16 scores (its best use, as ours keeps the codes in float32).
             loss = criterion([h.float() for h in high], [lo.float() for lo in low])
