@@ -118,9 +118,10 @@ def test_only_decoding_errors_are_replaced(tmp_path):
             ds.load(0, _failing_once(exc))
 
 
-def _slowly_decoded_folder(root: Path, n: int = 16, side: int = 2000) -> Path:
-    """Small files (15 kB) that take about 0.3 s each to decode: a batch of 8 takes seconds,
-    so a signal sent as training starts arrives while images are being decoded."""
+def _slowly_decoded_folder(root: Path, n: int = 16, side: int = 3000) -> Path:
+    """Small files (about 30 kB) that take 0.1-0.7 s each to decode and crop, depending on the
+    CPU: a batch of 8 takes about a second or more, so a signal sent as training starts arrives
+    while images are being decoded."""
     root.mkdir(parents=True)
     yy, xx = np.mgrid[0:side, 0:side]
     pattern = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
@@ -165,7 +166,9 @@ def test_sigterm_while_decoding_stops_training(tmp_path, workers, swav_logging):
 
     def stop_once_training() -> None:
         if _wait_for(run / "log.txt", "training:", training.is_set):
-            time.sleep(2.0 if workers else 0.0)  # workers: until they are up and decoding
+            # Workers: until they are up and decoding (forked in well under a second), but before
+            # a fast CPU has decoded the few batches that stop_after_iters allows.
+            time.sleep(0.5 if workers else 0.0)
             os.kill(os.getpid(), signal.SIGTERM)
 
     # Whatever happens, a SIGTERM after train() has returned must not end pytest.
