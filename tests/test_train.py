@@ -311,21 +311,27 @@ def test_the_loss_watch_names_the_first_non_finite_iteration():
     fine.check(1)  # nothing to say
 
 
-def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkpoint_follows(tmp_path, monkeypatch):
-    """What a GPU run does (there, reading each step's loss would wait for its kernels): the
-    objective does not read the loss, the loop reads the first bad iteration once per window,
-    and before any checkpoint."""
+def _nan_images_at_iteration_5_as_on_a_gpu(monkeypatch) -> None:
+    """Steps as on a GPU (the objective does not read the loss) with NaN images at iteration 5:
+    the loss, then the weights, are NaN from there on."""
     import swav.train as training
 
     real_step = training.train_step
 
     def step_as_on_a_gpu(ctx, crops, iteration, lr, **kwargs):
         ctx.check_each_step = False
-        if iteration == 5:  # NaN images: the loss, then the weights, are NaN from here on
+        if iteration == 5:
             crops = [torch.full_like(c, float("nan")) for c in crops]
         return real_step(ctx, crops, iteration, lr, **kwargs)
 
     monkeypatch.setattr(training, "train_step", step_as_on_a_gpu)
+
+
+def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkpoint_follows(tmp_path, monkeypatch):
+    """What a GPU run does (there, reading each step's loss would wait for its kernels): the
+    objective does not read the loss, the loop reads the first bad iteration when a window's loss is not finite,
+    and before any checkpoint."""
+    _nan_images_at_iteration_5_as_on_a_gpu(monkeypatch)
     # 4 iterations an epoch, log lines at epoch ends (4, 8), saves there and every 3 iterations:
     # the save after iteration 6 is the first read after the bad step (iteration 5).
     cfg = tiny(tmp_path, "config.LOG_FREQUENCY=10", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
@@ -334,6 +340,18 @@ def test_without_a_check_per_step_the_logging_window_stops_the_run_and_no_checkp
         train(cfg)
     state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
     assert state["iteration"] == 4 and not checkpoint.non_finite_tensors(state["model"])
+
+
+def test_without_a_check_per_step_a_logging_window_with_a_bad_step_stops_the_run(tmp_path, monkeypatch):
+    """Between checkpoints, the window's summed loss (read anyway for the log) shows the bad step,
+    and the watch then names its iteration."""
+    _nan_images_at_iteration_5_as_on_a_gpu(monkeypatch)
+    # Log lines every 3 iterations (3, 6, ...) and at epoch ends (4, 8); no iteration checkpoints:
+    # the log line after iteration 6 is the first read after the bad step.
+    cfg = tiny(tmp_path, "config.LOG_FREQUENCY=3", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=-1",
+               "config.OPTIMIZER.num_epochs=3")
+    with pytest.raises(FloatingPointError, match="not finite at iteration 5 .read at iteration 6"):
+        train(cfg)
 
 
 def test_augmenting_in_the_step_trains_exactly_as_augmenting_in_the_loader(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -128,9 +129,10 @@ def _overflowed(outputs: StepOutputs, device: torch.device) -> bool:
 
 class LossWatch:
     """The first iteration whose loss was not finite, kept on the loss's device: recording it
-    needs no host sync, and `check()` reads it once (per logging window, and before a checkpoint,
-    so that no checkpoint is written after a bad step), the earliest over all processes, so that
-    every process stops there together (a loss can be non-finite on one process only)."""
+    needs no host sync, and `check()` reads it (when a logging window's loss is not finite, and
+    before every checkpoint, so that none is written after a bad step), the earliest over all
+    processes, so that every process stops there together (a loss can be non-finite on one
+    process only)."""
 
     NONE = 2**62  # no bad iteration yet
 
@@ -533,10 +535,13 @@ def train_one_epoch(run: _Run, epoch: int, signals: _StopSignals, stop_after_ite
         bar.update(1)
         if run.iteration % cfg.LOG_FREQUENCY == 0 or step_in_epoch + 1 == run.iters_per_epoch:
             # One host sync per logging window, not per iteration; the loss is the mean over ranks.
-            if not run.ctx.check_each_step:
+            # A bad step anywhere makes the summed window loss non-finite on every process, so the
+            # watch's own collective (the earliest bad iteration) is needed only then.
+            window_total = distributed.mean_over_ranks(window_loss).item()
+            if not run.ctx.check_each_step and not math.isfinite(window_total):
                 run.loss_watch.check(run.iteration)
             elapsed = time.perf_counter() - window_start
-            mean_loss = distributed.mean_over_ranks(window_loss).item() / window_steps if window_steps else float("nan")
+            mean_loss = window_total / window_steps if window_steps else float("nan")
             speed = window_iters * run.global_batch / max(elapsed, 1e-9)
             done = (run.iteration - run.start_iteration) / max(time.perf_counter() - run.start_time, 1e-9)
             eta = (run.total_iters - run.iteration) / max(done, 1e-9)
