@@ -392,6 +392,41 @@ def test_the_15_minute_recipe_is_the_cpu_recipe_with_the_screens_trunk_crops_and
     assert all(math.isfinite(v) for v in _logged_losses(tmp_path))
 
 
+def test_the_swav_15_minute_recipe_is_the_simclr_one_with_the_screened_swav_objective(tmp_path):
+    # Fails if the SwAV budget recipe drifts from the run it was measured as: the SimCLR 15-minute
+    # recipe with the SwAV loss, 300 prototypes never trained, epsilon 0.02, temperature 0.2,
+    # LR 0.3 and weight decay 1e-6; and it must train at 32 px with its head.
+    from omegaconf import OmegaConf
+
+    def tree(recipe: str) -> dict:
+        return _flat(OmegaConf.to_container(load_config([recipe]), resolve=True))
+
+    swav, simclr = tree("config=pretrain/swav/swav_cifar10_15min"), tree("config=pretrain/simclr/simclr_cifar10_15min")
+    changed = {key: swav[key] for key in swav if swav[key] != simclr.get(key)}
+    head = '[["swav_head", {"dims": [128, 2048, 128], "use_bn": true, "num_clusters": [300]}]]'
+    assert changed == {
+        "MODEL.HEAD.PARAMS": json.loads(head),
+        "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP": [["heads.0.prototypes0.weight", -1]],
+        "LOSS.name": "swav_loss",
+        "LOSS.swav_loss.temperature": 0.2,
+        "LOSS.swav_loss.epsilon": 0.02,
+        "LOSS.swav_loss.num_crops": 6,
+        "LOSS.swav_loss.num_prototypes": [300],
+        "LOSS.swav_loss.output_dir": "./checkpoints/swav_cifar10_15min",
+        "OPTIMIZER.weight_decay": 1.0e-6,
+        "OPTIMIZER.param_schedulers.lr.base_value": 0.3,
+        "OPTIMIZER.param_schedulers.lr.scaled.base_value": 0.3,
+        "CHECKPOINT.DIR": "./checkpoints/swav_cifar10_15min",
+        # The SimCLR section keeps its defaults: a method's keys are set only when it runs.
+        "LOSS.simclr_info_nce_loss.temperature": 0.1,
+        "LOSS.simclr_info_nce_loss.num_crops": 2,
+    }
+    recipe = _cpu_recipe(tmp_path, head)
+    recipe[0] = "config=pretrain/swav/swav_cifar10_15min"
+    train(load_config([*recipe, "config.KNN_MONITOR.ENABLED=false"]))
+    assert all(math.isfinite(v) for v in _logged_losses(tmp_path))
+
+
 def test_the_60_minute_recipe_is_the_15_minute_one_for_23_epochs():
     # Fails if the hour recipe drifts from what it was measured as: the 15-minute recipe for 23
     # epochs (the trunk itself is trained by the 15-minute recipe's test).
